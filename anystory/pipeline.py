@@ -1,0 +1,112 @@
+"""Inference: prompt + N (reference image, mask) pairs -> image, on diffusers' SDXL pipeline.
+The references are encoded once per call (CLIP + QFormers + ReferenceNet) and the encoding is
+shared by every step and both CFG branches through the routing context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from anystory.components import BaseComponents
+from anystory.context import LayerRouting, ReferenceEncoding
+from anystory.model import AnyStoryModel
+from anystory.preprocess import encode_subjects, prepare_reference
+from anystory.visualize import routing_panel, to_cpu
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    # (step index, timestep, maps of the conditional branch) per recorded step
+    routing: list[tuple[int, int, dict[int, LayerRouting]]] = field(default_factory=list)
+
+    def routing_picture(self, image_index: int = 0, max_rows: int = 6) -> Image.Image:
+        chosen = self.routing
+        if len(chosen) > max_rows:
+            idx = torch.linspace(0, len(chosen) - 1, max_rows).round().long().tolist()
+            chosen = [chosen[i] for i in idx]
+        return routing_panel(self.images[image_index], [(t, maps) for _, t, maps in chosen], sample=image_index)
+
+
+class AnyStoryPipeline:
+    def __init__(self, model: AnyStoryModel, components: BaseComponents) -> None:
+        self.model = model.eval()
+        self.components = components
+        self.sdxl = StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            unet=model.unet,
+            scheduler=components.scheduler,
+        )
+        self.sdxl.set_progress_bar_config(disable=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.unet.device
+
+    @torch.no_grad()
+    def encode(self, subjects: list[tuple[Image.Image, Image.Image | None]]) -> ReferenceEncoding:
+        """Encode N references (image, mask or None for an alpha channel) as one sample."""
+        if not subjects:
+            raise ValueError("give at least one subject (reference image and mask)")
+        cfg = self.model.config
+        tensors = [prepare_reference(img, mask, cfg.clip_image_size, cfg.ref_size) for img, mask in subjects]
+        clip, ref, mask = (torch.stack([t[i] for t in tensors])[None].to(self.device) for i in range(3))
+        valid = torch.ones(1, len(subjects), dtype=torch.bool, device=self.device)
+        batch = encode_subjects(self.components.vae, clip.to(self.model.unet.dtype), ref, mask, valid)
+        return self.model.encode_references(batch)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        subjects: list[tuple[Image.Image, Image.Image | None]],
+        negative_prompt: str = "",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        eta: float | None = None,
+        gamma: float | None = None,
+        router: bool = True,
+        record_routing: bool = False,
+    ) -> GenerationResult:
+        size = self.model.config.resolution
+        height, width = height or size, width or size
+        refs = self.encode(subjects).repeat(num_images_per_prompt)
+        cfg_on = guidance_scale > 1.0
+        ctx = self.model.context(
+            refs.for_cfg() if cfg_on else refs,
+            (height // self.sdxl.vae_scale_factor, width // self.sdxl.vae_scale_factor),
+            router=router, sampling="argmax", eta=eta, gamma=gamma,
+        )
+        recorded: list[tuple[int, int, dict[int, LayerRouting]]] = []
+        cond_rows = slice(num_images_per_prompt, None) if cfg_on else slice(None)
+
+        def keep_maps(pipe, step: int, timestep, kwargs):  # diffusers' step-end callback
+            if record_routing and ctx.maps:
+                recorded.append((step, int(timestep), to_cpu(ctx.maps, cond_rows)))
+            return kwargs
+
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        images = self.sdxl(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            cross_attention_kwargs={"anystory": ctx},
+            callback_on_step_end=keep_maps,
+        ).images
+        return GenerationResult(images=images, routing=recorded)
