@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -109,22 +110,28 @@ def load_pretrained(config: AnyStoryConfig, torch_dtype: torch.dtype = torch.flo
                    torch_dtype=torch_dtype, **unet_kwargs),
         vae=_load(AutoencoderKL.from_pretrained, base, "base", subfolder="vae", torch_dtype=torch_dtype),
         text_encoder=_load(CLIPTextModel.from_pretrained, base, "base", subfolder="text_encoder",
-                           torch_dtype=torch_dtype),
+                           dtype=torch_dtype),
         text_encoder_2=_load(CLIPTextModelWithProjection.from_pretrained, base, "base",
-                             subfolder="text_encoder_2", torch_dtype=torch_dtype),
+                             subfolder="text_encoder_2", dtype=torch_dtype),
         tokenizer=_load(CLIPTokenizer.from_pretrained, base, "base", subfolder="tokenizer"),
         tokenizer_2=_load(CLIPTokenizer.from_pretrained, base, "base", subfolder="tokenizer_2"),
         image_encoder=_load(CLIPVisionModelWithProjection.from_pretrained, image_encoder_src,
-                            "image_encoder", torch_dtype=torch_dtype),
+                            "image_encoder", dtype=torch_dtype),
         scheduler=make_scheduler(),
     )
 
 
 def save_components(components: BaseComponents, directory: str | Path) -> None:
     """Write the components in the diffusers / transformers folder layout (safetensors), the
-    layout that `load_pretrained` reads back as `weights.base` and `weights.image_encoder`."""
+    layout that `load_pretrained` reads back as `weights.base` and `weights.image_encoder`.
+    The UNet is written without any installed AnyStory processors: those belong to the export."""
     directory = Path(directory)
-    components.unet.save_pretrained(directory / "unet")
+    installed = components.unet.attn_processors
+    components.unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        components.unet.save_pretrained(directory / "unet")
+    finally:
+        components.unet.set_attn_processor(installed)
     components.vae.save_pretrained(directory / "vae")
     components.text_encoder.save_pretrained(directory / "text_encoder")
     components.text_encoder_2.save_pretrained(directory / "text_encoder_2")

@@ -1,0 +1,111 @@
+"""Export: one safetensors file with everything AnyStory adds to the base model, plus a JSON config.
+`anystory generate` loads this directory as it is; loading checks every key and shape and names
+what does not match; nothing is unpickled. For random- or toy-trained bases (the `tiny` preset)
+the base components are embedded under base/ in the diffusers layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from anystory.components import BaseComponents, build_random, load_pretrained, save_components
+from anystory.config import AnyStoryConfig
+from anystory.model import AnyStoryModel
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "anystory.safetensors"
+CONFIG_FILE = "anystory.json"
+
+
+class ExportMismatchError(ValueError):
+    """The exported weights do not fit the model the config describes."""
+
+
+def save_export(
+    model: AnyStoryModel,
+    directory: str | Path,
+    components: BaseComponents | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write anystory.safetensors + anystory.json. With `components`, embed the base under base/
+    (for bases that exist nowhere else); without, the config's `weights` names where the base is."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in model.adapter_state_dict().items()
+    }
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    config = model.config.to_dict()
+    if components is not None:
+        save_components(components, directory / "base")
+        config["weights"] = {}
+    document = {
+        "format_version": FORMAT_VERSION,
+        "base_embedded": components is not None,
+        "config": config,
+        "metadata": metadata or {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[AnyStoryConfig, bool]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} an AnyStory export directory?")
+    document = json.loads(path.read_text())
+    if document.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {document.get('format_version')} is not {FORMAT_VERSION}")
+    return AnyStoryConfig.from_dict(document["config"]), bool(document["base_embedded"])
+
+
+def load_adapter_weights(model: AnyStoryModel, path: str | Path) -> None:
+    """Load the exported weights into the model; any missing, unexpected or misshapen key is an
+    error that names it (no strict=False, no renaming)."""
+    state = load_file(str(path))
+    expected = model.adapter_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        lines = [f"{path} does not match the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+        raise ExportMismatchError("\n".join(lines))
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(state[key])
+
+
+def load_export(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[AnyStoryModel, BaseComponents]:
+    directory = Path(directory)
+    config, embedded = read_config(directory)
+    if embedded:
+        config.weights = {"base": str(directory / "base"), "image_encoder": str(directory / "base" / "image_encoder")}
+    components = load_pretrained(config, torch_dtype=dtype)
+    for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2,
+                   components.image_encoder):
+        module.to(device)
+    model = AnyStoryModel(config, components.unet, components.image_encoder)
+    load_adapter_weights(model, directory / WEIGHTS_FILE)
+    return model.eval(), components
+
+
+def random_export(preset: AnyStoryConfig, directory: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight export with an embedded base (tests and smoke runs of the CLI)."""
+    components = build_random(preset, tokenizer_dir, seed=seed)
+    torch.manual_seed(seed)
+    model = AnyStoryModel(preset, components.unet, components.image_encoder)
+    return save_export(model, directory, components=components)
