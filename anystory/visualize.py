@@ -4,7 +4,6 @@ generated image; one row per recorded denoising step, one tile per layer (the pa
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anystory.export import ExportMismatchError, load_export, save_export
+from tests.anystory.helpers import make_subjects, unet_inputs
+
+
+@pytest.fixture
+def exported(model, components, tmp_path):
+    # Move every trainable part off its initialisation so a dropped key would show.
+    with torch.no_grad():
+        for p in model.adapter_state_dict().values():
+            if p.is_floating_point():
+                p.add_(0.01 * torch.randn_like(p))
+    return save_export(model, tmp_path / "export", components=components, metadata={"stage": 2})
+
+
+@torch.no_grad()
+def test_export_load_gives_identical_outputs(model, exported, tiny_config):
+    loaded, components = load_export(exported)
+    inputs = unet_inputs(tiny_config, batch=2)
+    subjects = make_subjects(tiny_config, [[True, True], [True, False]])
+    out_a = model(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"],
+                  inputs["added_cond_kwargs"], model.encode_references(subjects))
+    out_b = loaded(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"],
+                   inputs["added_cond_kwargs"], loaded.encode_references(subjects))
+    assert torch.equal(out_a.noise_pred, out_b.noise_pred)
+    for layer in out_a.routing:
+        assert torch.equal(out_a.routing[layer].probs, out_b.routing[layer].probs)
+    assert json.loads((exported / "anystory.json").read_text())["metadata"] == {"stage": 2}
+    # The base was written without the AnyStory processors.
+    base_unet = load_file(str(exported / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in base_unet if ".processor." in k]
+
+
+def test_missing_key_is_named(exported):
+    state = load_file(str(exported / "anystory.safetensors"))
+    victim = sorted(k for k in state if ".router." in k)[0]
+    del state[victim]
+    save_file(state, str(exported / "anystory.safetensors"))
+    with pytest.raises(ExportMismatchError, match="missing") as err:
+        load_export(exported)
+    assert victim in str(err.value)
+
+
+def test_wrong_shape_and_unexpected_keys_are_named(exported):
+    state = load_file(str(exported / "anystory.safetensors"))
+    victim = sorted(k for k in state if k.startswith("subject_qformer."))[0]
+    state[victim] = torch.zeros(3, 3)
+    state["adapters.extra.weight"] = torch.zeros(1)
+    save_file(state, str(exported / "anystory.safetensors"))
+    with pytest.raises(ExportMismatchError) as err:
+        load_export(exported)
+    assert victim in str(err.value) and "wrong shape" in str(err.value)
+    assert "adapters.extra.weight" in str(err.value)
+
+
+def test_not_an_export_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="anystory.json"):
+        load_export(tmp_path)
+
+
+def test_missing_base_weights_name_their_key(exported):
+    document = json.loads((exported / "anystory.json").read_text())
+    document["base_embedded"] = False
+    document["config"]["weights"] = {"image_encoder": "/nonexistent"}
+    (exported / "anystory.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="weights.base"):
+        load_export(exported)
+    document["config"]["weights"] = {"base": str(exported / "base"), "image_encoder": "/nonexistent/clip"}
+    (exported / "anystory.json").write_text(json.dumps(document))
+    with pytest.raises(FileNotFoundError, match="weights.image_encoder"):
+        load_export(exported)
