@@ -115,3 +115,32 @@ def test_model_builds_on_meta_without_memory(tiny_config, tokenizer_dir):
     comp = build_random(tiny_config, tokenizer_dir, device="meta")
     model = AnyStoryModel(tiny_config, comp.unet, comp.image_encoder)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model, tiny_config):
+    inputs = unet_inputs(tiny_config, batch=2)
+    subjects = make_subjects(tiny_config, [[True, True], [True, False]])
+    masks = (torch.rand(2, 2, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        from anystory.losses import routing_loss
+
+        model.zero_grad(set_to_none=True)
+        for unet in (model.unet, model.referencenet.unet):
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            else:
+                unet.disable_gradient_checkpointing()
+        params = model.set_stage(2)
+        model.train()
+        torch.manual_seed(0)
+        out = _forward(model, inputs, model.encode_references(subjects))
+        loss = F.mse_loss(out.noise_pred, torch.zeros_like(out.noise_pred))
+        loss = loss + 0.1 * routing_loss(out.routing, masks, subjects.valid)[0]
+        loss.backward()
+        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
