@@ -67,6 +67,17 @@ class AnyStoryPipeline:
         self,
         prompt: str,
         subjects: list[tuple[Image.Image, Image.Image | None]],
+        **kwargs,
+    ) -> GenerationResult:
+        """Generate from a prompt and N references (image, mask or None for an alpha channel).
+        Keyword arguments are those of `generate`."""
+        return self.generate(prompt, self.encode(subjects), **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        refs: ReferenceEncoding,
         negative_prompt: str = "",
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
@@ -79,9 +90,12 @@ class AnyStoryPipeline:
         router: bool = True,
         record_routing: bool = False,
     ) -> GenerationResult:
+        """Generate from an encoding of one sample's references (batch size 1)."""
+        if refs.valid.shape[0] != 1:
+            raise ValueError("generate takes the references of one sample; encode them with `encode`")
         size = self.model.config.resolution
         height, width = height or size, width or size
-        refs = self.encode(subjects).repeat(num_images_per_prompt)
+        refs = refs.repeat(num_images_per_prompt)
         cfg_on = guidance_scale > 1.0
         ctx = self.model.context(
             refs.for_cfg() if cfg_on else refs,

@@ -50,8 +50,8 @@ def reference_tensors(
     """A square, segmented reference (H, W, 3) uint8 + (H, W) bool -> CLIP pixels (3, S, S)
     normalised with the background at 0, ReferenceNet pixels (3, R, R) in [-1, 1] with the
     background at 0, and the mask (1, R, R) in {0, 1} (paper.md Section 8, item 8)."""
-    rgb = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-    m = torch.from_numpy(np.ascontiguousarray(mask))[None, None].float()
+    rgb = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
+    m = torch.tensor(mask)[None, None].float()
     clip = F.interpolate(rgb, size=(clip_size, clip_size), mode="bicubic", align_corners=False).clamp(0, 1)
     clip_mask = F.interpolate(m, size=(clip_size, clip_size), mode="area") > 0.5
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from training.data.augment import AugmentConfig, augment_reference
+from training.data.datamodule import ShardDataModule, list_shards
+from training.data.sample import DecodeSample, SampleConfig
+
+SAMPLE = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=2)
+
+
+def _raw(folder):
+    return list(wds.WebDataset(str(folder / "000000.tar"), shardshuffle=False))
+
+
+def test_incomplete_shards_are_not_listed(shard_dirs, tmp_path):
+    (tmp_path / "000000.tar").write_bytes(b"partial")  # no stats file: not done
+    assert list_shards([str(shard_dirs["val"])]) == [str(shard_dirs["val"] / "000000.tar")]
+    try:
+        list_shards([str(tmp_path)])
+    except FileNotFoundError as err:
+        assert "no complete shards" in str(err)
+    else:
+        raise AssertionError("a folder with only a partial tar must be an error")
+
+
+def test_decoded_sample_follows_the_contract(shard_dirs):
+    raw = _raw(shard_dirs["val"])[2]  # three subjects in the file, capped at two
+    out = DecodeSample(SAMPLE)(raw, random.Random(0), train=False)
+    assert out["pixels"].shape == (3, 32, 32) and -1 <= out["pixels"].min() and out["pixels"].max() <= 1
+    assert out["masks"].shape == (2, 32, 32) and out["valid"].tolist() == [True, True]
+    assert out["clip_pixels"].shape == (2, 3, 16, 16) and out["ref_pixels"].shape == (2, 3, 32, 32)
+    assert out["time_ids"].tolist() == [64, 64, 0, 0, 32, 32]
+    assert not out["drop"] and out["caption"] == "things on noise"
+    # Background removal: the ReferenceNet input is 0 wherever the reference mask is 0.
+    outside = out["ref_masks"][:, 0] == 0
+    assert outside.any() and not out["ref_pixels"].permute(1, 0, 2, 3)[:, outside].any()
+    # Each mask sits where its colour is in the target.
+    for slot in range(2):
+        inside = out["masks"][slot] > 0.5
+        colour = out["pixels"][:, inside].mean(1)
+        assert colour.std() > 0.3  # one saturated colour, not grey noise
+
+
+def test_padding_when_fewer_subjects_than_slots(shard_dirs):
+    raw = _raw(shard_dirs["val"])[0]  # one subject
+    out = DecodeSample(SAMPLE)(raw, random.Random(0), train=False)
+    assert out["valid"].tolist() == [True, False]
+    assert not out["masks"][1].any() and not out["clip_pixels"][1].any()
+
+
+def test_drops_happen_at_their_rates(shard_dirs):
+    raw = _raw(shard_dirs["val"])[0]
+    decode = DecodeSample(SampleConfig(resolution=32, clip_size=16, ref_size=32, clip_drop=0.3, caption_drop=0.2))
+    rng = random.Random(0)
+    outs = [decode(raw, rng, train=True) for _ in range(300)]
+    clip_rate = np.mean([bool(o["drop"]) for o in outs])
+    caption_rate = np.mean([o["caption"] == "" for o in outs])
+    assert 0.22 < clip_rate < 0.38 and 0.13 < caption_rate < 0.27
+
+
+def test_augmentation_keeps_mask_and_pixels_together():
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 12:28] = True
+    image[mask] = 255
+    cfg = AugmentConfig(p_rotate=1.0, p_crop=1.0, p_pad=1.0)
+    for _ in range(20):
+        img, msk = augment_reference(image, mask, cfg, rng)
+        assert msk.any() and img.shape[:2] == msk.shape
+        assert img.shape[0] == img.shape[1]  # padded to a square
+        # Pixels are white where the mask is (up to interpolation at the rim), black far outside.
+        assert (img[msk].mean() > 150) and img[~msk].mean() < 100
+
+
+def test_training_loader_counts_rejections_and_has_a_fixed_epoch(shard_dirs):
+    dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], val_shards=[str(shard_dirs["val"])],
+                         batch_size=2, num_workers=2, batches_per_epoch=7, shuffle_buffer=4, sample=SAMPLE)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 7
+    assert all(b["pixels"].shape == (2, 3, 32, 32) for b in batches)
+    rejected = sum(sum(b["rejected"].values()) for b in batches)
+    assert rejected > 0 and all(set(b["rejected"]) <= {"undecodable png"} for b in batches)
+
+
+def test_validation_loader_reads_every_sample_once_deterministically(shard_dirs):
+    dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], val_shards=[str(shard_dirs["val"])],
+                         batch_size=3, num_workers=1, sample=SAMPLE)
+    first = list(dm.val_dataloader())
+    second = list(dm.val_dataloader())
+    keys = [k for b in first for k in b["key"]]
+    assert sorted(keys) == [f"test-000000-{i:06d}" for i in range(4)]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["ref_pixels"], b["ref_pixels"])

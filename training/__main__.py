@@ -1,0 +1,22 @@
+"""`python -m training fit -c training/configs/<preset>_stage<k>.yaml [--ckpt_path last]`."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from training.data.datamodule import ShardDataModule
+from training.module import AnyStoryModule
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    return LightningCLI(
+        AnyStoryModule,
+        ShardDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reading the shard contract into training batches."""

@@ -1,0 +1,142 @@
+"""One shard sample (the contract of DESIGN.md) -> training tensors: the target resized and cropped
+with its SDXL size/crop conditioning, instance masks that follow the same crop, and per subject an
+augmented, background-removed reference for CLIP and for the ReferenceNet."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anystory.preprocess import reference_tensors
+from training.data.augment import AugmentConfig, augment_reference
+
+
+class SampleError(ValueError):
+    """A shard sample that cannot be used; the reason is counted, the sample skipped."""
+
+
+@dataclass
+class SampleConfig:
+    resolution: int = 1024  # square target side (px)
+    clip_size: int = 224
+    ref_size: int = 512
+    max_subjects: int = 4  # padded to this; stage 1 uses 1
+    random_crop: bool = True
+    shuffle_subjects: bool = True  # the routes must not depend on subject order
+    clip_drop: float = 0.1  # CLIP subject condition replaced by the null tokens
+    caption_drop: float = 0.05  # empty caption
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+
+
+def _image(data: bytes, mode: str, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert(mode))
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SampleError(f"undecodable {name}") from err
+
+
+def _target(sample: dict[str, Any]) -> tuple[str, bytes]:
+    for ext in ("jpg", "png", "jpeg"):
+        if ext in sample:
+            return ext, sample[ext]
+    raise SampleError("no target image")
+
+
+def pad_to_square(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad, centred, to a square (the stored reference is square; a random crop may not be)."""
+    h, w = mask.shape
+    if h == w:
+        return image, mask
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    out_img = np.zeros((side, side, 3), dtype=image.dtype)
+    out_mask = np.zeros((side, side), dtype=bool)
+    out_img[top : top + h, left : left + w] = image
+    out_mask[top : top + h, left : left + w] = mask
+    return out_img, out_mask
+
+
+class DecodeSample:
+    """Callable on a raw webdataset sample (member name -> bytes); raises SampleError."""
+
+    def __init__(self, config: SampleConfig) -> None:
+        self.config = config
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random, train: bool = True) -> dict[str, Any]:
+        cfg = self.config
+        try:
+            meta = json.loads(sample["json"])
+        except (KeyError, ValueError) as err:
+            raise SampleError("missing or invalid json") from err
+        ext, data = _target(sample)
+        target = _image(data, "RGB", ext)
+        subjects = list(range(len(meta.get("subjects", []))))
+        if not subjects:
+            raise SampleError("no subjects")
+        if train and cfg.shuffle_subjects:
+            rng.shuffle(subjects)
+        subjects = subjects[: cfg.max_subjects]
+
+        h, w = target.shape[:2]
+        scale = cfg.resolution / min(h, w)
+        nh, nw = max(cfg.resolution, round(h * scale)), max(cfg.resolution, round(w * scale))
+        top = rng.randint(0, nh - cfg.resolution) if train and cfg.random_crop else (nh - cfg.resolution) // 2
+        left = rng.randint(0, nw - cfg.resolution) if train and cfg.random_crop else (nw - cfg.resolution) // 2
+        box = (left, top, left + cfg.resolution, top + cfg.resolution)
+
+        def fit(img: Image.Image, resample: int) -> np.ndarray:
+            return np.asarray(img.resize((nw, nh), resample).crop(box))
+
+        pixels = fit(Image.fromarray(target), Image.BICUBIC)
+        s = cfg.max_subjects
+        masks = np.zeros((s, cfg.resolution, cfg.resolution), dtype=np.float32)
+        clip = torch.zeros(s, 3, cfg.clip_size, cfg.clip_size)
+        refs = torch.zeros(s, 3, cfg.ref_size, cfg.ref_size)
+        ref_masks = torch.zeros(s, 1, cfg.ref_size, cfg.ref_size)
+        valid = torch.zeros(s, dtype=torch.bool)
+        np_rng = np.random.default_rng(rng.getrandbits(64))
+        for slot, i in enumerate(subjects):
+            mask = _image(sample.get(f"sub{i}.mask.png", b""), "L", f"sub{i}.mask.png") > 127
+            if mask.shape != (h, w):
+                raise SampleError(f"sub{i}.mask.png size differs from the target")
+            masks[slot] = fit(Image.fromarray(mask.astype(np.uint8) * 255), Image.BILINEAR) / 255.0
+            ref = _image(sample.get(f"sub{i}.ref.png", b""), "RGB", f"sub{i}.ref.png")
+            ref_mask = _image(sample.get(f"sub{i}.refmask.png", b""), "L", f"sub{i}.refmask.png") > 127
+            if ref_mask.shape != ref.shape[:2] or not ref_mask.any():
+                raise SampleError(f"sub{i}: empty or misshapen reference mask")
+            if train and cfg.augment is not None:
+                ref, ref_mask = augment_reference(ref, ref_mask, cfg.augment, np_rng)
+            ref, ref_mask = pad_to_square(ref, ref_mask)
+            clip[slot], refs[slot], ref_masks[slot] = reference_tensors(ref, ref_mask, cfg.clip_size, cfg.ref_size)
+            valid[slot] = True
+
+        caption = str(meta.get("caption", ""))
+        drop_caption = train and rng.random() < cfg.caption_drop
+        return {
+            "key": sample.get("__key__", ""),
+            "pixels": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
+            "caption": "" if drop_caption else caption,
+            "time_ids": torch.tensor([h, w, top, left, cfg.resolution, cfg.resolution], dtype=torch.float32),
+            "masks": torch.from_numpy(masks),
+            "clip_pixels": clip,
+            "ref_pixels": refs,
+            "ref_masks": ref_masks,
+            "valid": valid,
+            "drop": torch.tensor(train and rng.random() < cfg.clip_drop),
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

@@ -1,0 +1,205 @@
+"""The two training stages over one shared base (paper Section 3): stage 1 trains the subject
+encoder (subject QFormer, ReferenceNet, new K/V) with the diffusion loss on one subject per sample
+and no router; stage 2 freezes it and trains the router with diffusion + 0.1 x routing loss."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, load_pretrained
+from anystory.export import load_adapter_weights
+from anystory.losses import routing_iou, routing_loss
+from anystory.model import AnyStoryModel
+from anystory.preprocess import encode_subjects
+from anystory.presets import get_preset
+from training.text import TextEncoder
+
+STAGES = (1, 2)
+
+
+class AnyStoryModule(L.LightningModule):
+    """Shared base: builds the model, encodes a batch, computes the diffusion loss, and keeps
+    checkpoints to what AnyStory trains (the frozen base is rebuilt from the hyper-parameters)."""
+
+    stage: int = 0
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        weights: dict[str, str] | None = None,
+        base_dir: str | None = None,
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        routing_weight: float = 0.1,
+        coarse_routing_weight: float = 0.0,
+        gradient_checkpointing: bool = False,
+        frozen_dtype: str = "float32",
+        val_timesteps: list[int] | None = None,
+        seed: int = 0,
+        tokenizer_dir: str = ".cache/anystory-tokenizer",
+    ) -> None:
+        super().__init__()
+        if self.stage not in STAGES:
+            raise TypeError("use Stage1Module or Stage2Module")
+        self.save_hyperparameters()
+        self.model: AnyStoryModel | None = None
+        self.rejected: Counter = Counter()
+
+    # ----- model -----
+    def build_components(self) -> BaseComponents:
+        hp = self.hparams
+        config = get_preset(hp.preset)
+        dtype = getattr(torch, hp.frozen_dtype)
+        if hp.base_dir:
+            config.weights = {"base": hp.base_dir, "image_encoder": str(Path(hp.base_dir) / "image_encoder")}
+            return load_pretrained(config, torch_dtype=dtype)
+        if hp.weights:
+            config.weights = dict(hp.weights)
+            return load_pretrained(config, torch_dtype=dtype)
+        if hp.preset != "tiny":
+            raise ValueError(f"preset {hp.preset!r} needs `weights` (base, image_encoder) or `base_dir`")
+        return build_random(config, hp.tokenizer_dir, seed=hp.seed)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        components = self.build_components()
+        config = get_preset(hp.preset)
+        config.weights = dict(hp.weights or {})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            self.model = AnyStoryModel(config, components.unet, components.image_encoder)
+        if hp.init_from:
+            load_adapter_weights(self.model, Path(hp.init_from) / "anystory.safetensors")
+        self.vae = components.vae.requires_grad_(False)
+        self.text_encoder = components.text_encoder.requires_grad_(False)
+        self.text_encoder_2 = components.text_encoder_2.requires_grad_(False)
+        self.components = components
+        self.encode_text = TextEncoder(components)
+        self.noise_scheduler = DDPMScheduler(**SDXL_SCHEDULER)
+        self.trainable = self.model.set_stage(self.stage)
+        if hp.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
+            self.model.referencenet.unet.enable_gradient_checkpointing()
+
+    # Checkpoints hold what AnyStory adds (strictly checked on load), not the frozen base.
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False):
+        self.configure_model()
+        out = destination if destination is not None else {}
+        for key, value in self.model.adapter_state_dict().items():
+            out[f"{prefix}model.{key}"] = value if keep_vars else value.detach()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        self.configure_model()
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        own = self.model.adapter_state_dict()
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                target = own[key.removeprefix("model.")]
+                if target.shape != value.shape:
+                    raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+                target.copy_(value)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    # ----- batch -> model inputs -----
+    @torch.no_grad()
+    def encode_batch(self, batch: dict[str, Any], noise_seed: int | None = None,
+                     timesteps: torch.Tensor | None = None) -> dict[str, Any]:
+        vae = self.vae
+        pixels = batch["pixels"].to(vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        generator = None if noise_seed is None else torch.Generator(latents.device).manual_seed(noise_seed)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=latents.device, generator=generator)
+        embeds, pooled = self.encode_text(batch["caption"], self.device)
+        subjects = encode_subjects(vae, batch["clip_pixels"], batch["ref_pixels"], batch["ref_masks"],
+                                   batch["valid"], batch.get("drop"))
+        return {
+            "noisy": self.noise_scheduler.add_noise(latents, noise, timesteps),
+            "noise": noise,
+            "timesteps": timesteps,
+            "embeds": embeds,
+            "added": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)},
+            "subjects": subjects,
+        }
+
+    def run_model(self, inputs: dict[str, Any], **kwargs: Any):
+        refs = self.model.encode_references(inputs["subjects"])
+        return self.model(inputs["noisy"], inputs["timesteps"], inputs["embeds"], inputs["added"], refs,
+                          router=self.stage == 2, **kwargs)
+
+    def diffusion_loss(self, noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(noise_pred.float(), noise.float())
+
+    # ----- training -----
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.count_rejections(batch)
+        inputs = self.encode_batch(batch)
+        out = self.run_model(inputs)
+        loss = self.diffusion_loss(out.noise_pred, inputs["noise"])
+        logs = {"train/loss_diffusion": loss.detach()}
+        if self.stage == 2:
+            route, by_size = routing_loss(out.routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)
+            loss = loss + self.hparams.routing_weight * route
+            logs["train/loss_routing"] = route.detach()
+            logs.update({f"train/loss_routing_{h}x{w}": v.detach() for (h, w), v in by_size.items()})
+        logs["train/loss"] = loss.detach()
+        batch_size = batch["pixels"].shape[0]
+        self.log_dict(logs, prog_bar=False, batch_size=batch_size)
+        self.log("train/loss_total", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
+        return loss
+
+    def count_rejections(self, batch: dict[str, Any]) -> None:
+        self.rejected.update(batch.get("rejected") or {})
+        self.log("data/rejected", float(sum(self.rejected.values())), batch_size=1, reduce_fx="sum")
+
+    # ----- validation: the condition gain, and the router's mIoU in stage 2 -----
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        timesteps = self.hparams.val_timesteps or [250, 500, 750]
+        bs = batch["pixels"].shape[0]
+        for t in timesteps:
+            inputs = self.encode_batch(batch, noise_seed=batch_idx * 1000 + t,
+                                       timesteps=torch.full((bs,), t, device=self.device, dtype=torch.long))
+            out = self.run_model(inputs)
+            without = self.run_model(inputs, eta=0.0, reference_attention=False)
+            self.log("val/loss", self.diffusion_loss(out.noise_pred, inputs["noise"]), batch_size=bs)
+            self.log("val/loss_without_subject", self.diffusion_loss(without.noise_pred, inputs["noise"]),
+                     batch_size=bs)
+            if self.stage == 2:
+                ious = torch.stack([routing_iou(m, batch["masks"], batch["valid"]) for m in out.routing.values()])
+                self.log("val/router_miou", ious.mean(), batch_size=bs)
+
+    def configure_optimizers(self):
+        params = [p for p in self.trainable.values() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Stage1Module(AnyStoryModule):
+    """Subject encoder: subject QFormer, ReferenceNet, new K/V; diffusion loss; no router."""
+
+    stage = 1
+
+
+class Stage2Module(AnyStoryModule):
+    """Router: routing QFormer and per-layer routers; diffusion + routing loss; encoder frozen."""
+
+    stage = 2
