@@ -1,0 +1,37 @@
+"""Running the real training entry points as subprocesses, the way users run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "training" / "configs"
+
+
+def fit_args(shards: dict[str, Path], stage: int = 1, max_steps: int = 3, extra: list[str] | None = None) -> list[str]:
+    """Arguments of `python -m training` for a few CPU steps; it writes under ./runs/tiny_stage{k}."""
+    args = [
+        "fit", "-c", str(CONFIGS / f"tiny_stage{stage}.yaml"),
+        f"--data.train_shards=[{shards['train']}]", f"--data.val_shards=[{shards['val']}]",
+        "--data.batch_size=2", "--data.num_workers=1", "--data.batches_per_epoch=2", "--data.shuffle_buffer=4",
+        "--model.init_args.val_timesteps=[500]",
+        f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+    return args + (extra or [])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+            "WANDB_SILENT": "true"}
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600, module: str = "training") -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
