@@ -1,0 +1,521 @@
+"""`auto` annotation: GroundingDINO boxes for a caption's noun phrases (or a label list), then SAM masks
+from those boxes.
+
+`AutoAnnotator` loads both models once (one per Ray actor) and maps a batch (dict of columns) to the same
+batch plus `subjects` (per row a list of `{label, bbox, score, mask, mask_score}`) and `annotate_error`
+(None, or `"<reason>: <detail>"` with reason in `bad_image`, `no_labels`, `detector_failed`,
+`segmenter_failed`, so the build can histogram rejections by the part before the colon).
+
+GroundingDINO runs batched through its own forward (one caption per image), grouping images that resize to
+the same size; SAM runs `set_image` per image, then one `predict_torch` with all boxes of that image.
+
+groundingdino and segment_anything are imported where models are built or run, so code that only needs
+the config or the label helpers (e.g. a `given` build) does not import them and their warnings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import batched_nms, box_convert
+from torchvision.transforms.functional import normalize, to_tensor
+
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+# Older transformers saved this buffer; the official GroundingDINO checkpoint still carries it.
+_GDINO_IGNORED_KEYS = frozenset({"bert.embeddings.position_ids"})
+
+
+@dataclass(frozen=True)
+class TinySamSizes:
+    """Explicit sizes for a cut-down `Sam` (tests, smoke runs); the vit_* types use the registry sizes."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_embed_dim: int = 64
+    encoder_depth: int = 2
+    encoder_num_heads: int = 2
+    encoder_global_attn_indexes: tuple[int, ...] = (1,)
+    window_size: int = 4
+    prompt_embed_dim: int = 32
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 64
+    decoder_num_heads: int = 2
+    iou_head_hidden_dim: int = 32
+
+
+@dataclass(frozen=True)
+class AutoAnnotateConfig:
+    gdino_config: str  # GroundingDINO python config file (SLConfig format)
+    gdino_checkpoint: str  # .pth ({"model": state_dict} or a plain state dict) or .safetensors
+    gdino_text_encoder: str  # local dir with the BERT model + tokenizer; overrides the config's text_encoder_type
+    sam_model_type: str  # vit_b / vit_l / vit_h, or tiny (built from `tiny_sam`)
+    sam_checkpoint: str
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    device: str = "cpu"
+    max_boxes_per_label: int = 3
+    max_labels: int = 8  # noun phrases per prompt
+    nms_iou: float = 0.7  # same-label duplicates above this IoU are dropped before SAM
+    mask_box_margin: float | None = 0.1  # mask pixels beyond the box grown by this fraction are cleared
+    min_image_side: int = 16
+    gdino_image_size: int = 800  # shorter side, as in GroundingDINO's own inference
+    gdino_max_image_size: int = 1333
+    gdino_batch_size: int = 8
+    tiny_sam: TinySamSizes | None = None
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> AutoAnnotateConfig:
+        """Build from a params.yaml section; unknown or missing keys are errors that name them."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown auto-annotation keys: {unknown}; known: {sorted(fields)}")
+        missing = sorted(
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in params
+        )
+        if missing:
+            raise ValueError(f"missing auto-annotation keys: {missing}")
+        values = dict(params)
+        if isinstance(values.get("tiny_sam"), Mapping):
+            sizes = dict(values["tiny_sam"])
+            known = {f.name for f in dataclasses.fields(TinySamSizes)}
+            bad = sorted(set(sizes) - known)
+            if bad:
+                raise ValueError(f"unknown tiny_sam keys: {[f'tiny_sam.{k}' for k in bad]}; known: {sorted(known)}")
+            if "encoder_global_attn_indexes" in sizes:
+                sizes["encoder_global_attn_indexes"] = tuple(sizes["encoder_global_attn_indexes"])
+            values["tiny_sam"] = TinySamSizes(**sizes)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (YAML / JSON); `from_dict(to_dict())` gives an equal config."""
+        out = dataclasses.asdict(self)
+        if out["tiny_sam"] is not None:
+            out["tiny_sam"]["encoder_global_attn_indexes"] = list(out["tiny_sam"]["encoder_global_attn_indexes"])
+        return out
+
+    def validate(self) -> None:
+        """Fail before any work starts, naming the offending key (and path)."""
+        for key in ("gdino_config", "gdino_checkpoint", "gdino_text_encoder", "sam_model_type", "sam_checkpoint"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"auto annotation needs '{key}' (got {getattr(self, key)!r})")
+        if self.sam_model_type not in SAM_MODEL_TYPES:
+            raise ValueError(f"'sam_model_type' must be one of {SAM_MODEL_TYPES}, got {self.sam_model_type!r}")
+        if (self.sam_model_type == "tiny") != isinstance(self.tiny_sam, TinySamSizes):
+            raise ValueError("'tiny_sam' sizes are required for sam_model_type 'tiny' and only for it")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        for key in ("box_threshold", "text_threshold", "nms_iou"):
+            if not number(getattr(self, key)) or not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"'{key}' must be a number in [0, 1], got {getattr(self, key)!r}")
+        for key in ("max_boxes_per_label", "max_labels", "min_image_side", "gdino_image_size",
+                    "gdino_max_image_size", "gdino_batch_size"):
+            value = getattr(self, key)
+            if not number(value) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{key}' must be a positive int, got {value!r}")
+        if self.mask_box_margin is not None and (not number(self.mask_box_margin) or self.mask_box_margin < 0):
+            raise ValueError(f"'mask_box_margin' must be a number >= 0 or None, got {self.mask_box_margin!r}")
+        torch.device(self.device)  # raises on a malformed device string
+        missing = [
+            f"{key}={getattr(self, key)} ({kind} not found)"
+            for key, kind, exists in (
+                ("gdino_config", "file", Path.is_file),
+                ("gdino_checkpoint", "file", Path.is_file),
+                ("gdino_text_encoder", "directory", Path.is_dir),
+                ("sam_checkpoint", "file", Path.is_file),
+            )
+            if not exists(Path(getattr(self, key)))
+        ]
+        if missing:
+            raise FileNotFoundError("auto annotation inputs missing: " + "; ".join(missing))
+
+
+# --- labels and prompt -------------------------------------------------------------------------------------
+# Rule-based noun-phrase chunking: a phrase is a run of words between closed-class words (determiners,
+# prepositions, conjunctions, pronouns, auxiliaries, a list of common verbs), punctuation and numbers.
+# Limits (no POS tagger): a verb not in the lists stays in its phrase ("a dog chases a cat" -> "dog chases",
+# "cat"); "-ing"/"-ed" words of 5+ letters count as participles except a short list of nouns, so an unlisted
+# one is dropped ("a bowl of stuffing" -> "bowl"); plurals are kept as written; English only.
+_STOP_WORDS = frozenset(
+    """a an the this that these those his her its their our my your some any each every no another both all
+    several many few much more most one two three four five six seven eight nine ten dozen
+    in on at of with by for from to into onto near under over above below behind beside besides between
+    across along around through against inside outside toward towards among about up down off out upon
+    within without beneath underneath atop via past beyond like as next
+    and or but nor while where which who whom whose than if then so because when
+    it they he she we you i them him us me there here itself themselves
+    is are was were be been being am has have had do does did can could will would shall should may might
+    must not very too also just only together alone
+    sits sit sat stands stand stood lies lie lay holds hold held looks look wears wear plays play runs run
+    walks walk rides ride flies fly swims swim eats eat jumps jump rests rest waits wait
+    photo photograph picture image illustration render closeup close-up shot view scene front top bottom left right
+    middle center centre side edge corner background foreground""".split()
+)
+_PARTICIPLE_NOUNS = frozenset(
+    """building ceiling clothing ring king wing string swing thing spring evening morning pudding wedding
+    earring railing sibling duckling painting drawing stocking bedding icing awning""".split()
+)
+_TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
+
+
+def _is_participle(word: str) -> bool:
+    if word in _PARTICIPLE_NOUNS:
+        return False
+    return (word.endswith("ing") and len(word) > 4) or (word.endswith("ed") and len(word) > 4)
+
+
+def extract_noun_phrases(caption: str, max_words: int = 3) -> list[str]:
+    """Noun phrases of a caption, in order, deduplicated; each keeps its last `max_words` words (the head)."""
+    phrases: list[str] = []
+    current: list[str] = []
+
+    def close() -> None:
+        while current and _is_participle(current[-1]):  # "a dog running" -> "dog"
+            current.pop()
+        if current:
+            phrase = " ".join(current[-max_words:])
+            if phrase not in phrases:
+                phrases.append(phrase)
+        current.clear()
+
+    for match in _TOKEN.finditer(re.sub(r"'s\b", " ,", caption.lower())):  # a possessive ends a phrase
+        word = match.group()
+        if not word[0].isalnum() or word in _STOP_WORDS or word.isdigit():
+            close()
+        elif current and _is_participle(word):  # a participle after the noun starts a verb phrase
+            close()
+        else:
+            current.append(word)
+    close()
+    return phrases
+
+
+def clean_labels(labels: Iterable[str]) -> list[str]:
+    """Lower-case, strip GroundingDINO's separator '.', collapse spaces, drop empties and duplicates."""
+    out: list[str] = []
+    for label in labels:
+        text = " ".join(str(label).lower().replace(".", " ").split())
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+def build_prompt(labels: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """GroundingDINO text prompt "a . b . c ." and each label's character span in it."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for label in labels:
+        spans.append((start, start + len(label)))
+        start += len(label) + len(" . ")
+    return " . ".join(labels) + " .", spans
+
+
+def label_token_map(tokenizer: Any, prompt: str, spans: Sequence[tuple[int, int]], max_text_len: int) -> torch.Tensor:
+    """(labels, max_text_len) bool: which token positions of GroundingDINO's logits belong to each label.
+
+    Mapping detections back to labels through token positions (as GroundingDINO's own token-span mode
+    does) avoids decoding phrases to strings and string-matching them, which breaks when a phrase covers
+    tokens of two labels.
+    """
+    encoding = tokenizer(prompt)
+    token_map = torch.zeros(len(spans), max_text_len, dtype=torch.bool)
+    for row, (start, end) in enumerate(spans):
+        for char in range(start, end):
+            token = encoding.char_to_token(char)
+            if token is not None and token < max_text_len:  # the model truncates text beyond max_text_len
+                token_map[row, token] = True
+    return token_map
+
+
+def assign_labels(
+    probs: torch.Tensor, token_map: torch.Tensor, box_threshold: float, text_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick a label per query from token probabilities `probs` (queries, max_text_len).
+
+    As in GroundingDINO's `predict`, tokens above `text_threshold` form a query's phrase; its label is the
+    one with the largest share of its tokens in the phrase (ties: higher token score). The query's score is
+    its best token probability within that label and must exceed `box_threshold`.
+    Returns (query indices, label indices, scores) of the kept queries.
+    """
+    in_label = token_map[None].float()  # 1, L, T
+    label_scores = (probs[:, None, :] * in_label).amax(-1)  # Q, L
+    share = ((probs[:, None, :] > text_threshold).float() * in_label).sum(-1) / in_label.sum(-1).clamp(min=1)
+    best_share = share.amax(-1, keepdim=True)
+    label = torch.where(share == best_share, label_scores, -1.0).argmax(-1)
+    score = label_scores.gather(1, label[:, None])[:, 0]
+    keep = (best_share[:, 0] > 0) & (score > box_threshold)
+    return keep.nonzero()[:, 0], label[keep], score[keep]
+
+
+# --- models ------------------------------------------------------------------------------------------------
+def load_weights(model: torch.nn.Module, path: str, ignored_keys: Iterable[str] = ()) -> None:
+    """Load .safetensors or a .pth state dict (`weights_only=True`); any missing, unexpected or mis-shaped
+    key is an error, except `ignored_keys` (known leftovers in published checkpoints)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_model  # handles tensors the model shares between modules
+
+            missing, unexpected = load_model(model, path, strict=False)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state.get("model"), Mapping):  # GroundingDINO's published layout
+                state = state["model"]
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        raise ValueError(f"{path} does not match the model: {err}") from err
+    unexpected = sorted(set(unexpected) - set(ignored_keys))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {sorted(missing)[:8]}, unexpected {unexpected[:8]}")
+
+
+def build_tiny_sam(sizes: TinySamSizes) -> torch.nn.Module:
+    """A `Sam` from segment_anything's own modules with explicit (small) sizes; same wiring as the registry."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    grid = sizes.image_size // sizes.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=sizes.image_size, patch_size=sizes.patch_size, embed_dim=sizes.encoder_embed_dim,
+            depth=sizes.encoder_depth, num_heads=sizes.encoder_num_heads, mlp_ratio=4.0,
+            out_chans=sizes.prompt_embed_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True, window_size=sizes.window_size,
+            global_attn_indexes=sizes.encoder_global_attn_indexes,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=sizes.prompt_embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(sizes.image_size, sizes.image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=sizes.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=sizes.decoder_depth, embedding_dim=sizes.prompt_embed_dim,
+                mlp_dim=sizes.decoder_mlp_dim, num_heads=sizes.decoder_num_heads,
+            ),
+            num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=sizes.iou_head_hidden_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def build_groundingdino(config: AutoAnnotateConfig) -> torch.nn.Module:
+    """GroundingDINO from its python config, with the text encoder from a local directory (no hub)."""
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
+
+    args = SLConfig.fromfile(config.gdino_config)
+    args.text_encoder_type = config.gdino_text_encoder
+    args.device = config.device
+    # Activation checkpointing only saves training memory; at inference it just warns.
+    args.use_checkpoint = False
+    args.use_transformer_ckpt = False
+    return build_model(args)
+
+
+def _check_image(image: Any, min_side: int) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"bad_image: {type(image).__name__}, expected a numpy array")
+    if image.dtype != np.uint8:
+        raise ValueError(f"bad_image: dtype {image.dtype}, expected uint8")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"bad_image: shape {image.shape}, expected HxWx3")
+    if min(image.shape[:2]) < min_side:
+        raise ValueError(f"bad_image: {image.shape[0]}x{image.shape[1]} is below min_image_side={min_side}")
+    return np.ascontiguousarray(image)
+
+
+def clip_mask_to_box(mask: np.ndarray, box: Sequence[float], margin: float) -> np.ndarray:
+    """Clear mask pixels outside `box` grown by `margin` of its size on each side."""
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    rows = slice(max(0, math.floor(y0 - dy)), max(0, math.ceil(y1 + dy)))
+    cols = slice(max(0, math.floor(x0 - dx)), max(0, math.ceil(x1 + dx)))
+    inside = np.zeros_like(mask, dtype=bool)
+    inside[rows, cols] = True
+    return mask & inside
+
+
+@dataclass
+class _Row:
+    index: int
+    image: np.ndarray
+    labels: list[str]
+
+
+@dataclass
+class _Detection:
+    label: str
+    box: list[float]  # x0, y0, x1, y1 in input-image pixels
+    score: float
+
+
+class AutoAnnotator:
+    """Batch stage: `subjects` from GroundingDINO boxes + SAM masks. Models load once, from local files."""
+
+    def __init__(self, config: AutoAnnotateConfig) -> None:
+        config.validate()
+        from groundingdino.util.misc import nested_tensor_from_tensor_list
+        from segment_anything import SamPredictor, sam_model_registry
+
+        self.config = config
+        self.device = torch.device(config.device)
+        self._nested = nested_tensor_from_tensor_list
+        self.gdino = build_groundingdino(config)
+        load_weights(self.gdino, config.gdino_checkpoint, ignored_keys=_GDINO_IGNORED_KEYS)
+        self.gdino.eval().to(self.device)
+        if not self.gdino.tokenizer.is_fast:
+            raise ValueError(f"gdino_text_encoder={config.gdino_text_encoder} needs a fast tokenizer (tokenizer.json)")
+        if config.tiny_sam is not None:
+            sam = build_tiny_sam(config.tiny_sam)
+        else:
+            sam = sam_model_registry[config.sam_model_type](checkpoint=None)
+        load_weights(sam, config.sam_checkpoint)
+        self.sam = SamPredictor(sam.eval().to(self.device))
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+        images, captions = batch["image"], batch["caption"]
+        given = batch.get("labels")
+        subjects: list[list[dict[str, Any]]] = [[] for _ in range(len(images))]
+        errors: list[str | None] = [None] * len(images)
+        rows: list[_Row] = []
+        for i, image in enumerate(images):
+            try:
+                image = _check_image(image, self.config.min_image_side)
+            except ValueError as err:
+                errors[i] = str(err)
+                continue
+            row_labels = given[i] if given is not None else None
+            if row_labels is not None:
+                labels = clean_labels([row_labels] if isinstance(row_labels, str) else row_labels)
+                if not labels:
+                    errors[i] = "no_labels: the given label list is empty"
+                    continue
+            else:
+                labels = extract_noun_phrases(captions[i] if isinstance(captions[i], str) else "")
+                if not labels:
+                    errors[i] = "no_labels: no noun phrase in the caption"
+                    continue
+            rows.append(_Row(i, image, labels[: self.config.max_labels]))
+
+        for row, detections in zip(rows, self._detect_all(rows), strict=True):
+            if isinstance(detections, str):
+                errors[row.index] = detections
+                continue
+            try:
+                subjects[row.index] = self._segment(row.image, detections)
+            except Exception as err:  # one row's failure must not lose the batch
+                errors[row.index] = f"segmenter_failed: {type(err).__name__}: {err}"
+        return {**batch, "subjects": subjects, "annotate_error": errors}
+
+    def _detect_all(self, rows: list[_Row]) -> list[list[_Detection] | str]:
+        """Detections, or a `detector_failed` reason, per row.
+
+        Only images with the same resized size share a forward: padding changes a smaller image's backbone
+        features, so its boxes would otherwise depend on the images it happened to be batched with.
+        """
+        out: list[list[_Detection] | str] = [[] for _ in rows]
+        groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+        for k, row in enumerate(rows):
+            try:
+                tensor = self._preprocess(row.image)
+            except Exception as err:  # e.g. an extreme aspect ratio that resizes to zero pixels
+                out[k] = f"detector_failed: {type(err).__name__}: {err}"
+                continue
+            groups.setdefault(tuple(tensor.shape), []).append((k, tensor))
+        size = self.config.gdino_batch_size
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
+                results: list[list[_Detection] | str]
+                try:
+                    results = list(self._detect([rows[k] for k, _ in chunk], [t for _, t in chunk]))
+                except Exception:  # rerun row by row so only a failing row is rejected
+                    results = []
+                    for k, tensor in chunk:
+                        try:
+                            results += self._detect([rows[k]], [tensor])
+                        except Exception as err:
+                            results.append(f"detector_failed: {type(err).__name__}: {err}")
+                for (k, _), result in zip(chunk, results, strict=True):
+                    out[k] = result
+        return out
+
+    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
+        # GroundingDINO's own inference resize, called directly: RandomResize would draw from `random`.
+        from groundingdino.datasets.transforms import resize
+
+        resized, _ = resize(Image.fromarray(image), None, self.config.gdino_image_size, self.config.gdino_max_image_size)
+        return normalize(to_tensor(resized), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+    @torch.inference_mode()
+    def _detect(self, rows: list[_Row], tensors: list[torch.Tensor]) -> list[list[_Detection]]:
+        prompts, token_maps = [], []
+        for row in rows:
+            prompt, spans = build_prompt(row.labels)
+            prompts.append(prompt)
+            token_maps.append(label_token_map(self.gdino.tokenizer, prompt, spans, self.gdino.max_text_len))
+        # Boxes come out normalised to each image's own size.
+        outputs = self.gdino(self._nested(tensors).to(self.device), captions=prompts)
+        probs = outputs["pred_logits"].sigmoid().float().cpu()
+        boxes = outputs["pred_boxes"].float().cpu()
+        return [
+            self._select(probs[k], boxes[k], token_maps[k], row.labels, row.image.shape[:2])
+            for k, row in enumerate(rows)
+        ]
+
+    def _select(
+        self, probs: torch.Tensor, boxes_cxcywh: torch.Tensor, token_map: torch.Tensor, labels: list[str],
+        image_hw: tuple[int, int],
+    ) -> list[_Detection]:
+        cfg = self.config
+        query, label, score = assign_labels(probs, token_map, cfg.box_threshold, cfg.text_threshold)
+        h, w = image_hw
+        boxes = box_convert(boxes_cxcywh[query], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        valid = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+        boxes, label, score = boxes[valid], label[valid], score[valid]
+        kept: list[_Detection] = []
+        per_label: dict[int, int] = {}
+        for i in batched_nms(boxes, score, label, cfg.nms_iou).tolist():  # sorted by score, descending
+            lab = int(label[i])
+            if per_label.get(lab, 0) < cfg.max_boxes_per_label:
+                per_label[lab] = per_label.get(lab, 0) + 1
+                kept.append(_Detection(labels[lab], boxes[i].tolist(), float(score[i])))
+        return kept
+
+    @torch.inference_mode()
+    def _segment(self, image: np.ndarray, detections: list[_Detection]) -> list[dict[str, Any]]:
+        if not detections:
+            return []
+        self.sam.set_image(image)
+        boxes = torch.tensor([d.box for d in detections], dtype=torch.float32)
+        boxes = self.sam.transform.apply_boxes_torch(boxes, image.shape[:2]).to(self.device)
+        masks, mask_scores, _ = self.sam.predict_torch(None, None, boxes=boxes, multimask_output=False)
+        masks_np, mask_scores_np = masks[:, 0].cpu().numpy(), mask_scores[:, 0].float().cpu().numpy()
+        self.sam.reset_image()
+        subjects = []
+        for det, mask, mask_score in zip(detections, masks_np, mask_scores_np, strict=True):
+            if self.config.mask_box_margin is not None:
+                mask = clip_mask_to_box(mask, det.box, self.config.mask_box_margin)
+            if mask.any():  # an empty mask is no subject
+                subjects.append(
+                    {"label": det.label, "bbox": det.box, "score": det.score, "mask": mask,
+                     "mask_score": float(mask_score)}
+                )
+        return subjects
