@@ -97,3 +97,15 @@ def test_validation_loader_reads_every_sample_once_deterministically(shard_dirs)
     assert sorted(keys) == [f"test-000000-{i:06d}" for i in range(4)]
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["ref_pixels"], b["ref_pixels"])
+
+
+def test_validation_is_shared_between_ranks_without_overlap(shard_dirs, monkeypatch):
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], val_shards=[str(shard_dirs["val"])],
+                             batch_size=3, num_workers=0, sample=SAMPLE)
+        seen.append({k for b in dm.val_dataloader() for k in b["key"]})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"test-000000-{i:06d}" for i in range(4)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -14,12 +16,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_torchrun_two_processes(shard_dirs, tmp_path):
-    args = fit_args(shard_dirs, stage=1, max_steps=2,
-                    extra=["--trainer.devices=2", "--trainer.strategy=ddp", "--data.num_workers=0"])
+    strategy = tmp_path / "ddp.yaml"  # buffers are constant: no broadcast, and no hang on uneven validation
+    strategy.write_text("trainer:\n  devices: 2\n  strategy:\n"
+                        "    class_path: lightning.pytorch.strategies.DDPStrategy\n"
+                        "    init_args: {broadcast_buffers: false, process_group_backend: gloo}\n")
+    args = fit_args(shard_dirs, stage=1, max_steps=2, extra=["-c", str(strategy), "--data.num_workers=0"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-port=29531", "-m", "training", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # a hung rank: end the whole process group, not only torchrun
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, log[-5000:]
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # both ranks joined one process group
     ckpt = torch.load(str(tmp_path / "runs" / "tiny_stage1" / "checkpoints" / "last.ckpt"),

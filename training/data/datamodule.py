@@ -53,6 +53,18 @@ class RejectCounter:
 
 
 @dataclass
+class RankShare:
+    """Validation: every rank reads every shard and keeps the samples whose key hashes to it, so
+    each sample is evaluated exactly once however few shards there are."""
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        for sample in samples:
+            if zlib.crc32(sample.get("__key__", "").encode()) % world == rank:
+                yield sample
+
+
+@dataclass
 class DecodeAndBatch:
     """Pipeline stage: raw samples -> collated batches with a `rejected` count per reason."""
 
@@ -105,8 +117,10 @@ class ShardDataModule(L.LightningDataModule):
             # Every rank and worker draws shards with replacement from its own seed: no split needed.
             stages.append(wds.ResampledShards(shards, seed=self.hparams.seed, deterministic=True))
         else:
-            stages += [wds.SimpleShardList(shards), wds.split_by_node, wds.split_by_worker]
+            stages += [wds.SimpleShardList(shards), wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=counter.tar_error))
+        if not train:
+            stages.append(RankShare())
         if train and self.hparams.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.hparams.shuffle_buffer, initial=min(64, self.hparams.shuffle_buffer)))
         batch_size = self.hparams.batch_size if train else (self.hparams.val_batch_size or self.hparams.batch_size)
