@@ -47,13 +47,16 @@ def routing_loss(
     return torch.stack(per_layer).mean(), {hw: torch.stack(v).mean() for hw, v in by_size.items()}
 
 
-def routing_iou(routing: LayerRouting, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean IoU over valid subjects of the argmax map against the downsampled masks."""
-    target = rearrange(downsample_instance_masks(masks, valid, routing.hw), "b n h w -> b (h w) n").bool()
+def routing_iou(
+    probs: torch.Tensor, hw: tuple[int, int], masks: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU of the argmax routes (probs (B, h * w, N + 1)) against the instance masks downsampled to
+    (h, w). Returns the IoU per subject (B, N) and which entries count: valid subjects whose mask
+    is not empty at this resolution."""
+    target = rearrange(downsample_instance_masks(masks, valid, hw), "b n h w -> b (h w) n").bool()
     n = target.shape[-1]
-    predicted = F.one_hot(routing.probs.argmax(-1), routing.probs.shape[-1])[..., :n].bool()
+    predicted = F.one_hot(probs.argmax(-1), probs.shape[-1])[..., :n].bool()
     inter = (predicted & target).sum(1).float()
     union = (predicted | target).sum(1).float()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    valid_f = valid.float()
-    return (iou * valid_f).sum(1) / valid_f.sum(1).clamp(min=1)
+    counted = valid.bool() & target.any(1)
+    return inter / union.clamp(min=1), counted

@@ -182,8 +182,11 @@ class AnyStoryModule(L.LightningModule):
             self.log("val/loss_without_subject", self.diffusion_loss(without.noise_pred, inputs["noise"]),
                      batch_size=bs)
             if self.stage == 2:
-                ious = torch.stack([routing_iou(m, batch["masks"], batch["valid"]) for m in out.routing.values()])
-                self.log("val/router_miou", ious.mean(), batch_size=bs)
+                ious, counted = zip(*(routing_iou(m.probs, m.hw, batch["masks"], batch["valid"])
+                                      for m in out.routing.values()), strict=True)
+                ious, counted = torch.stack(ious), torch.stack(counted)
+                self.log("val/router_miou", ious[counted].mean() if counted.any() else ious.new_tensor(0.0),
+                         batch_size=bs)
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]

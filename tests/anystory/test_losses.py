@@ -66,14 +66,20 @@ def test_loss_gradient_reaches_the_probabilities():
 
 
 def test_iou_of_the_argmax_map():
-    masks = torch.zeros(1, 2, 4, 4)
+    masks = torch.zeros(1, 3, 4, 4)
     masks[0, 0, :2] = 1
     masks[0, 1, 2:] = 1
-    valid = torch.tensor([[True, True]])
+    masks[0, 2] = 0  # a valid subject whose mask is empty
+    valid = torch.tensor([[True, True, True]])
     assign = torch.zeros(4, 4, dtype=torch.long)
     assign[2:] = 1
-    probs = F.one_hot(assign.flatten(), 3).float()[None]
-    assert routing_iou(_maps(probs, (4, 4)), masks, valid).item() == 1.0
-    assign[:, 2:] = 2  # right half background: each subject keeps half its area
-    probs = F.one_hot(assign.flatten(), 3).float()[None]
-    assert abs(routing_iou(_maps(probs, (4, 4)), masks, valid).item() - 0.5) < 1e-6
+    probs = F.one_hot(assign.flatten(), 4).float()[None]
+    iou, counted = routing_iou(probs, (4, 4), masks, valid)
+    assert iou[0, :2].tolist() == [1.0, 1.0] and counted[0].tolist() == [True, True, False]
+    assign[:, 2:] = 3  # right half background: each subject keeps half its area
+    iou, _ = routing_iou(F.one_hot(assign.flatten(), 4).float()[None], (4, 4), masks, valid)
+    assert iou[0, :2].tolist() == [0.5, 0.5]
+    small = torch.zeros(1, 1, 8, 8)
+    small[0, 0, 0, 0] = 1  # vanishes at 2x2
+    _, counted = routing_iou(torch.rand(1, 4, 2), (2, 2), small, torch.tensor([[True]]))
+    assert counted[0].tolist() == [False]
