@@ -84,3 +84,14 @@ class RoutingContext:
     subject_attention: bool = True  # the CLIP path (Eq. 5); off for the ReferenceNet-only ablation
     reference_attention: bool = True  # the ReferenceNet path (Eq. 6); off for the CLIP-only ablation
     maps: dict[int, LayerRouting] = field(default_factory=dict)  # layer index -> maps of that layer
+    # Projected reference K/V by layer, kept across the steps of one generation call (inference
+    # only: the references do not change between steps). None: compute them in every forward.
+    kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def reference_kv(self, key: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute() -> (K, V), or its cached value for this call."""
+        if self.kv_cache is None or torch.is_grad_enabled():
+            return compute()
+        if key not in self.kv_cache:
+            self.kv_cache[key] = compute()
+        return self.kv_cache[key]

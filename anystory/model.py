@@ -173,7 +173,8 @@ class AnyStoryModel(nn.Module):
 
     def context(self, refs: ReferenceEncoding, latent_hw: tuple[int, int] | torch.Size, router: bool = True,
                 sampling: str | None = None, eta: float | None = None, gamma: float | None = None,
-                subject_attention: bool = True, reference_attention: bool = True) -> RoutingContext:
+                subject_attention: bool = True, reference_attention: bool = True,
+                cache_reference_kv: bool = False) -> RoutingContext:
         return RoutingContext(
             refs=refs,
             latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
@@ -183,4 +184,5 @@ class AnyStoryModel(nn.Module):
             gamma=self.config.gamma if gamma is None else gamma,
             subject_attention=subject_attention,
             reference_attention=reference_attention,
+            kv_cache={} if cache_reference_kv else None,
         )

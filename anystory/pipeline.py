@@ -89,8 +89,10 @@ class AnyStoryPipeline:
         gamma: float | None = None,
         router: bool = True,
         record_routing: bool = False,
+        cache_reference_kv: bool = True,
     ) -> GenerationResult:
-        """Generate from an encoding of one sample's references (batch size 1)."""
+        """Generate from an encoding of one sample's references (batch size 1). The references'
+        projected K/V are computed at the first step and reused (`cache_reference_kv`)."""
         if refs.valid.shape[0] != 1:
             raise ValueError("generate takes the references of one sample; encode them with `encode`")
         size = self.model.config.resolution
@@ -100,7 +102,7 @@ class AnyStoryPipeline:
         ctx = self.model.context(
             refs.for_cfg() if cfg_on else refs,
             (height // self.sdxl.vae_scale_factor, width // self.sdxl.vae_scale_factor),
-            router=router, sampling="argmax", eta=eta, gamma=gamma,
+            router=router, sampling="argmax", eta=eta, gamma=gamma, cache_reference_kv=cache_reference_kv,
         )
         recorded: list[tuple[int, int, dict[int, LayerRouting]]] = []
         cond_rows = slice(num_images_per_prompt, None) if cfg_on else slice(None)

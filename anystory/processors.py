@@ -105,8 +105,9 @@ class RoutedCrossAttnProcessor(nn.Module):
         tokens = ctx.refs.subject_tokens  # (B, R, T, C)
         routes = tokens.shape[1]
         # One softmax per route: fold the routes into the batch of a single SDPA call.
-        k = rearrange(_heads(self.to_k(tokens), attn.heads), "b r h t d -> (b r) h t d")
-        v = rearrange(_heads(self.to_v(tokens), attn.heads), "b r h t d -> (b r) h t d")
+        k, v = ctx.reference_kv(f"{self.layer_index}.subject", lambda: tuple(
+            rearrange(_heads(proj(tokens), attn.heads), "b r h t d -> (b r) h t d") for proj in (self.to_k, self.to_v)
+        ))
         q_routes = rearrange(q.unsqueeze(1).expand(-1, routes, -1, -1, -1), "b r h n d -> (b r) h n d")
         per_route = rearrange(
             F.scaled_dot_product_attention(q_routes, k, v), "(b r) h n d -> b r h n d", r=routes
@@ -147,8 +148,9 @@ class RoutedReferenceAttnProcessor(nn.Module):
         bias = None
         if anystory is not None and anystory.reference_attention and self.uses_reference:
             features = anystory.refs.bank[self.block_name]  # (B, N, m, d)
-            ref_k = _heads(rearrange(self.to_k(features), "b s m c -> b (s m) c"), attn.heads)
-            ref_v = _heads(rearrange(self.to_v(features), "b s m c -> b (s m) c"), attn.heads)
+            ref_k, ref_v = anystory.reference_kv(f"{self.layer_index}.reference", lambda: tuple(
+                _heads(rearrange(proj(features), "b s m c -> b (s m) c"), attn.heads) for proj in (self.to_k, self.to_v)
+            ))
             k, v = torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
             bias = self._bias(anystory, hidden_states, features.shape[2])
         return _finish(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,3 +88,4 @@ def ray_head(num_cpus: int = 2) -> Iterator[str]:
     finally:
         # SIGTERM to the head and everything it started (by pid), then SIGKILL whatever is left.
         kill_tree(head, signal.SIGTERM, grace=3)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""The `data` section of params.yaml: every threshold and size of the data build, validated at start."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from pipelines.sources import SOURCE_TYPES
+from pipelines.typed_config import ConfigError, convert, from_dict, to_dict
+
+# Bump when a change of code changes what a shard contains: done shards of another version are redone.
+PIPELINE_VERSION = "1"
+
+Kind = Literal["unpaired", "paired"]
+KINDS: tuple[str, ...] = ("unpaired", "paired")
+
+
+@dataclass
+class ToyworldConfig:
+    out_dir: str = "data/toyworld"
+    seed: int = 0
+    num_identities: int = 16
+    num_images: int = 96
+    image_size: int = 128
+    max_subjects: int = 4
+    num_videos: int = 12
+    video_size: int = 128
+    video_fps: int = 8
+    video_seconds: float = 2.0
+    max_video_subjects: int = 3
+    scene_cut_fraction: float = 0.5
+    png_fraction: float = 0.1
+    empty_fraction: float = 0.05  # images with no subject: the 'nothing found' case
+    jpeg_quality: int = 92
+
+
+@dataclass
+class SourcesConfig:
+    unpaired: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class DecodeConfig:
+    min_side: int = 16
+    max_side: int = 16384
+    max_pixels: int = 100_000_000
+    max_video_frames: int = 20_000
+
+
+@dataclass
+class AutoConfig:
+    model: dict[str, Any] = field(default_factory=dict)  # fields of annotate_auto.AutoAnnotateConfig
+    num_gpus: float = 0.0  # per actor
+    batch_size: int = 4  # images per model call
+    concurrency: int = 1  # actors
+
+
+@dataclass
+class AnnotateConfig:
+    mode: Literal["given", "auto"] = "given"
+    auto: AutoConfig = field(default_factory=AutoConfig)
+
+
+@dataclass
+class FilterConfig:
+    min_score: float = 0.3
+    min_area_frac: float = 0.02
+    max_area_frac: float = 0.8
+    min_box_fill: float = 0.25  # mask pixels / box pixels
+    max_box_aspect: float = 4.0
+    max_containment: float = 0.8  # drop a box this much inside a larger one
+    max_instance_iou: float = 0.7  # two masks this similar are one instance found twice
+    min_subjects: int = 1
+    max_subjects: int = 4
+    min_image_side: int = 64
+    max_image_aspect: float = 3.0
+    dedupe: bool = True
+
+    def check(self, path: str) -> None:
+        _positive(path, min_subjects=self.min_subjects, max_subjects=self.max_subjects)
+        if self.min_subjects > self.max_subjects:
+            raise ConfigError(f"{path}.min_subjects: larger than max_subjects")
+        if not 0 <= self.min_area_frac <= self.max_area_frac <= 1:
+            raise ConfigError(f"{path}.min_area_frac: need 0 <= min_area_frac <= max_area_frac <= 1")
+
+
+@dataclass
+class RefsConfig:
+    margin: float = 0.1  # of the box's longer side, on each side
+    max_side: int = 512  # larger crops are downscaled
+
+
+@dataclass
+class VideoConfig:
+    sample_fps: float = 4.0
+    cut_threshold: float = 0.4  # colour-histogram distance between consecutive frames
+    iou_weight: float = 0.5  # track link score = w * mask IoU + (1 - w) * appearance
+    min_link_score: float = 0.45
+    min_appearance: float = 0.6
+    max_missed_frames: int = 2
+    min_gap_s: float = 0.5
+    max_pair_iou: float = 0.9
+    min_pair_quality: float = 0.6
+    max_pairs_per_scene: int = 4
+
+    def check(self, path: str) -> None:
+        if self.sample_fps <= 0:
+            raise ConfigError(f"{path}.sample_fps: must be > 0")
+
+
+@dataclass
+class ShardsConfig:
+    images_per_shard: int = 32
+    videos_per_shard: int = 4
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = 95
+
+    def check(self, path: str) -> None:
+        _positive(path, images_per_shard=self.images_per_shard, videos_per_shard=self.videos_per_shard)
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int | None = None  # only for a local cluster this script starts itself
+
+
+@dataclass
+class DataConfig:
+    out_dir: str = "data/shards"
+    toyworld: ToyworldConfig = field(default_factory=ToyworldConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    refs: RefsConfig = field(default_factory=RefsConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def check(self, path: str) -> None:
+        # Sources are a tagged union (`type`), checked here against the source registry.
+        for kind, media in (("unpaired", "image"), ("paired", "video")):
+            parsed, names = [], set()
+            for i, raw in enumerate(getattr(self.sources, kind)):
+                p = f"{path}.sources.{kind}[{i}]"
+                cfg = parse_source(raw, p)
+                if SOURCE_TYPES[cfg.type][1].media != media:
+                    raise ConfigError(f"{p}.type: a {cfg.type} source gives {SOURCE_TYPES[cfg.type][1].media}s;"
+                                      f" {kind} shards need {media}s")
+                if cfg.name in names:
+                    raise ConfigError(f"{p}.name: {cfg.name!r} used twice")
+                names.add(cfg.name)
+                parsed.append(cfg)
+            setattr(self.sources, kind, parsed)
+
+
+def parse_source(raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise ConfigError(f"{path}.type: required key is missing")
+    if raw["type"] not in SOURCE_TYPES:
+        raise ConfigError(f"{path}.type: {raw['type']!r} is not one of {sorted(SOURCE_TYPES)}")
+    cfg = from_dict(SOURCE_TYPES[raw["type"]][0], raw, path)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
+        raise ConfigError(f"{path}.name: {cfg.name!r} must be letters, digits or _ (it starts every key)")
+    return cfg
+
+
+def _positive(path: str, **values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{path}.{name}: must be >= 1")
+
+
+def load_data_config(params_path: str, overrides: dict[str, Any] | None = None) -> DataConfig:
+    """Read params.yaml, apply `a.b.c: value` overrides, and validate the `data` section."""
+    with open(params_path) as f:
+        params = yaml.safe_load(f) or {}
+    if "data" not in params:
+        raise ConfigError(f"{params_path}: no `data` section")
+    data = params["data"]
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_data_config(data)
+
+
+def parse_data_config(data: Any) -> DataConfig:
+    return convert(DataConfig, data, "data")
+
+
+def params_hash(cfg: DataConfig, kind: str) -> str:
+    """Hash of everything that decides the content of `kind` shards (not where or how fast they are built)."""
+    content = {
+        "version": PIPELINE_VERSION,
+        "sources": to_dict(getattr(cfg.sources, kind)),
+        "decode": to_dict(cfg.decode),
+        "annotate": {"mode": cfg.annotate.mode,
+                     "model": cfg.annotate.auto.model if cfg.annotate.mode == "auto" else None},
+        "filter": to_dict(cfg.filter),
+        "refs": to_dict(cfg.refs),
+        "video": to_dict(cfg.video) if kind == "paired" else None,
+        "shards": to_dict(cfg.shards),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,130 @@
+"""How a shard moves through the stages, with or without Ray.
+
+A shard travels as a payload {spec, rows, timings}. Stages are grouped: consecutive CPU stages run
+together in one Ray task per shard (no serialisation between them); a model stage is its own group,
+run by a pool of Ray actors that load weights once. `run_local` applies the very same groups in
+this process, which is what the single-process benchmark baseline and `--runner local` use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipelines.batch import Batch, from_rows
+from pipelines.config import DataConfig
+from pipelines.shards.writer import WriteShard
+from pipelines.sources import build_source
+from pipelines.stages.annotate_given import AnnotateGiven
+from pipelines.stages.auto import AutoAnnotate
+from pipelines.stages.decode import DecodeImages
+from pipelines.stages.decode_video import DecodeVideos
+from pipelines.stages.encode import EncodeSamples
+from pipelines.stages.filter import DropDuplicates, FilterSubjects
+from pipelines.stages.frames import frames_to_images, images_to_frames
+from pipelines.stages.pairs import MakePairs
+from pipelines.stages.refs import CutReferences
+from pipelines.stages.scenes import DetectScenes
+
+Payload = dict[str, Any]
+
+
+@dataclass
+class ReadShard:
+    """The only source I/O: records of the shard's units."""
+
+    def __call__(self, payload: Payload) -> Payload:
+        spec = payload["spec"]
+        payload["rows"] = from_rows(list(build_source(spec["source_cfg"]).read(spec["units"])))
+        return payload
+
+
+@dataclass
+class OnFrames:
+    """Run an image stage on every sampled frame of the video rows, then fold results back."""
+
+    stage: Any
+    columns: tuple[str, ...] = ("subjects", "dropped")
+
+    def __call__(self, batch: Batch) -> Batch:
+        images, where = frames_to_images(batch)
+        if where:
+            images = self.stage(images)
+        return images_to_frames(batch, images, where, self.columns)
+
+
+@dataclass
+class Group:
+    """Stages that run together in one process. `stages` build lazily (weights load in the worker)."""
+
+    name: str
+    cfg: DataConfig
+    kind: str
+    out_url: str
+    steps: list[str]
+    compute: Literal["tasks", "actors"] = "tasks"
+    num_gpus: float = 0.0
+    concurrency: int = 1
+    _built: list[tuple[str, Any]] | None = field(default=None, repr=False)
+
+    def build(self, spec: dict[str, Any]) -> list[tuple[str, Any]]:
+        cfg, video = self.cfg, self.kind == "paired"
+        make = {
+            "read": lambda: ReadShard(),
+            "decode": lambda: DecodeVideos(cfg.decode, cfg.video) if video else DecodeImages(cfg.decode),
+            "scenes": lambda: DetectScenes(cfg.video),
+            "dedupe": lambda: DropDuplicates(cfg.filter.dedupe),
+            "annotate_given": lambda: OnFrames(AnnotateGiven()) if video else AnnotateGiven(),
+            "annotate_auto": lambda: (OnFrames if video else (lambda s: s))(
+                AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size)),
+            "filter": lambda: OnFrames(FilterSubjects(cfg.filter)) if video else FilterSubjects(cfg.filter),
+            "refs": lambda: CutReferences(cfg.refs),
+            "pairs": lambda: MakePairs(cfg.video, cfg.refs),
+            "encode": lambda: EncodeSamples(spec["source"], self.kind, spec["params_hash"], cfg.shards),
+            "write": lambda: WriteShard(self.out_url),
+        }
+        return [(name, make[name]()) for name in self.steps]
+
+    def __call__(self, payload: Payload) -> Payload:
+        # Model groups keep their stages (weights) for the life of the actor; CPU stages are cheap and
+        # rebuilt per shard, so per-shard state (the duplicate set) never leaks into another shard.
+        if self.compute == "actors":
+            self._built = self._built or self.build(payload["spec"])
+            stages = self._built
+        else:
+            stages = self.build(payload["spec"])
+        timings = payload.setdefault("timings", {})
+        for name, stage in stages:
+            start = time.perf_counter()
+            if name == "read":
+                payload = stage(payload)
+            elif name == "write":
+                payload["stats"] = stage(payload["spec"], payload["rows"], timings)
+                payload["rows"] = None
+            else:
+                payload["rows"] = stage(payload["rows"])
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return payload
+
+
+def make_groups(cfg: DataConfig, kind: str, out_url: str) -> list[Group]:
+    auto = cfg.annotate.mode == "auto"
+    if kind == "unpaired":
+        first = ["read", "decode", "dedupe"] + ([] if auto else ["annotate_given"])
+        last = ["filter", "refs", "encode", "write"]
+    else:
+        first = ["read", "decode", "scenes"] + ([] if auto else ["annotate_given"])
+        last = ["filter", "pairs", "encode", "write"]
+    if not auto:
+        return [Group("build", cfg, kind, out_url, first + last)]
+    a = cfg.annotate.auto
+    return [Group("prepare", cfg, kind, out_url, first),
+            Group("annotate_auto", cfg, kind, out_url, ["annotate_auto"], "actors", a.num_gpus, a.concurrency),
+            Group("finish", cfg, kind, out_url, last)]
+
+
+def run_local(payload: Payload, groups: list[Group]) -> dict[str, Any]:
+    for g in groups:
+        payload = g(payload)
+    return payload["stats"]

@@ -1,0 +1,1 @@
+"""Shard planning, atomic publication and per-shard stats."""

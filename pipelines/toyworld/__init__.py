@@ -1,0 +1,1 @@
+"""toyworld: a seeded procedural world of textured subjects, written as real image/video files."""

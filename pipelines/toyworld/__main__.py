@@ -1,0 +1,3 @@
+from pipelines.toyworld.generate import main
+
+main()

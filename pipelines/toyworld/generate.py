@@ -1,0 +1,58 @@
+"""Generate the toyworld files: `<out>/images` (COCO JSON + images) and `<out>/videos` (mp4 + json).
+
+`<out>/manifest.json` is written last, with the config it was made from: a complete folder made from
+the same config is not regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+from pipelines.config import ToyworldConfig, load_data_config
+from pipelines.toyworld.catalogue import catalogue
+from pipelines.toyworld.images import write_images
+from pipelines.toyworld.videos import write_videos
+
+
+def generate(cfg: ToyworldConfig, out_dir: str | None = None) -> dict:
+    out = out_dir or cfg.out_dir
+    manifest_path = os.path.join(out, "manifest.json")
+    wanted = dataclasses.asdict(cfg) | {"out_dir": None}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("config") == wanted:
+            return manifest
+    if os.path.exists(out):
+        shutil.rmtree(out)  # an incomplete or differently configured folder: start clean
+    start = time.perf_counter()
+    cat = catalogue(cfg.num_identities, cfg.seed)
+    images = write_images(os.path.join(out, "images"), cat, cfg.num_images, cfg.image_size, cfg.max_subjects,
+                          cfg.seed, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction)
+    videos = write_videos(os.path.join(out, "videos"), cat, cfg.num_videos, cfg.video_size, cfg.video_fps,
+                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, cfg.seed)
+    manifest = {"config": wanted, "images": images, "videos": videos,
+                "identities": [dataclasses.asdict(i) | {"phrase": i.phrase} for i in cat]}
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    print(f"toyworld: {images['images']} images, {videos['videos']} videos in {out} "
+          f"({time.perf_counter() - start:.1f}s)")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=None, help="override data.toyworld.out_dir")
+    args = ap.parse_args(argv)
+    generate(load_data_config(args.params).toyworld, args.out)
+
+
+if __name__ == "__main__":
+    main()
