@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER
@@ -139,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dino-model", default=None, help="DINO ViT (path / cached hub id) for DINO")
     parser.add_argument("--generate-steps", type=int, default=25)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--params", type=Path, default=None,
+                        help="a params.yaml whose train.eval section sets the defaults of the options above")
     args = parser.parse_args(argv)
+    if args.params is not None:
+        section = (yaml.safe_load(args.params.read_text()).get("train") or {}).get("eval") or {}
+        unknown = set(section) - {"timesteps", "batch_size", "max_subjects", "max_batches", "generate_steps"}
+        if unknown:
+            raise SystemExit(f"error: unknown keys in train.eval of {args.params}: {sorted(unknown)}")
+        parser.set_defaults(**section)
+        args = parser.parse_args(argv)
 
     model, components = load_export(args.export, device=args.device)
     cfg = model.config

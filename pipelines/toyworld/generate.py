@@ -19,10 +19,12 @@ from pipelines.toyworld.images import write_images
 from pipelines.toyworld.videos import write_videos
 
 
-def generate(cfg: ToyworldConfig, out_dir: str | None = None) -> dict:
+def generate(cfg: ToyworldConfig, out_dir: str | None = None, layout_seed: int | None = None) -> dict:
+    """`layout_seed` draws other images and videos of the same identity catalogue (a held-out set)."""
     out = out_dir or cfg.out_dir
     manifest_path = os.path.join(out, "manifest.json")
-    wanted = dataclasses.asdict(cfg) | {"out_dir": None}
+    layout = cfg.seed if layout_seed is None else layout_seed
+    wanted = dataclasses.asdict(cfg) | {"out_dir": None, "layout_seed": layout}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -33,9 +35,9 @@ def generate(cfg: ToyworldConfig, out_dir: str | None = None) -> dict:
     start = time.perf_counter()
     cat = catalogue(cfg.num_identities, cfg.seed)
     images = write_images(os.path.join(out, "images"), cat, cfg.num_images, cfg.image_size, cfg.max_subjects,
-                          cfg.seed, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction)
+                          layout, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction)
     videos = write_videos(os.path.join(out, "videos"), cat, cfg.num_videos, cfg.video_size, cfg.video_fps,
-                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, cfg.seed)
+                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, layout)
     manifest = {"config": wanted, "images": images, "videos": videos,
                 "identities": [dataclasses.asdict(i) | {"phrase": i.phrase} for i in cat]}
     with open(manifest_path + ".tmp", "w") as f:
@@ -50,8 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None, help="override data.toyworld.out_dir")
+    ap.add_argument("--layout-seed", type=int, default=None,
+                    help="other images and videos of the same identities (e.g. a held-out set)")
+    ap.add_argument("--num-images", type=int, default=None, help="override data.toyworld.num_images")
+    ap.add_argument("--num-videos", type=int, default=None, help="override data.toyworld.num_videos")
     args = ap.parse_args(argv)
-    generate(load_data_config(args.params).toyworld, args.out)
+    cfg = load_data_config(args.params).toyworld
+    overrides = {k: v for k, v in (("num_images", args.num_images), ("num_videos", args.num_videos)) if v is not None}
+    generate(dataclasses.replace(cfg, **overrides), args.out, args.layout_seed)
 
 
 if __name__ == "__main__":
