@@ -100,7 +100,8 @@ def load_export(
         module.to(device)
     model = AnyStoryModel(config, components.unet, components.image_encoder)
     load_adapter_weights(model, directory / WEIGHTS_FILE)
-    return model.eval(), components
+    # The adapters are built in float32 (they are trained); inference runs everything in one dtype.
+    return model.to(device=device, dtype=dtype).eval(), components
 
 
 def random_export(preset: AnyStoryConfig, directory: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:

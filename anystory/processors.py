@@ -19,8 +19,9 @@ from anystory.router import MASKED_LOGIT, Router, hard_routes
 
 def _copy_linear(source: nn.Linear, in_features: int | None = None) -> nn.Linear:
     """A trainable copy of a frozen projection (the IP-Adapter initialisation)."""
+    # Trainable, so float32 whatever the frozen layer's dtype (bf16 master weights lose the updates).
     layer = nn.Linear(in_features or source.in_features, source.out_features, bias=source.bias is not None)
-    layer.to(device=source.weight.device, dtype=source.weight.dtype)
+    layer.to(device=source.weight.device)
     with torch.no_grad():
         layer.weight.copy_(source.weight)
         if source.bias is not None:
@@ -53,9 +54,7 @@ class RoutedCrossAttnProcessor(nn.Module):
         self.layer_index = layer_index
         self.to_k = _copy_linear(attn.to_k)
         self.to_v = _copy_linear(attn.to_v)
-        self.router = Router(attn.to_q.in_features, router_config).to(
-            device=attn.to_q.weight.device, dtype=attn.to_q.weight.dtype
-        )
+        self.router = Router(attn.to_q.in_features, router_config).to(device=attn.to_q.weight.device)
 
     def __call__(
         self,
@@ -183,7 +182,9 @@ class RoutedReferenceAttnProcessor(nn.Module):
         if previous.hw == hw:
             hard = previous.hard.detach()
         else:
-            probs = rearrange(previous.probs.detach(), "b (h w) r -> b r h w", h=previous.hw[0])
+            # Training resizes the Gumbel sample that gated layer l-1, so both paths see one routing.
+            source = previous.hard if ctx.sampling == "gumbel" else previous.probs
+            probs = rearrange(source.detach().float(), "b (h w) r -> b r h w", h=previous.hw[0])
             probs = F.interpolate(probs, size=hw, mode="bilinear", align_corners=False)
             hard = F.one_hot(rearrange(probs, "b r h w -> b (h w) r").argmax(-1), probs.shape[1])
         valid = ctx.refs.valid[:, None, :]

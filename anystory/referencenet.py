@@ -52,11 +52,9 @@ class ReferenceNet(nn.Module):
         super().__init__()
         config = dict(unet.config)
         config["in_channels"] = unet.config.in_channels + 1
-        device, dtype = unet.conv_in.weight.device, unet.conv_in.weight.dtype
-        with torch.device(device):
+        # Built in float32 whatever the frozen UNet's dtype: the ReferenceNet is trained in stage 1.
+        with torch.device(unet.conv_in.weight.device):
             self.unet = UNet2DConditionModel.from_config(config)
-        if dtype != self.unet.dtype:
-            self.unet.to(dtype=dtype)
         _strip_cross_attention(self.unet)
         self.ref_size = ref_size
         self.block_names = transformer_block_names(self.unet)
@@ -73,7 +71,7 @@ class ReferenceNet(nn.Module):
             raise RuntimeError(f"ReferenceNet/UNet layouts disagree: {not_cross[:5]}")
         if unet.conv_in.weight.device.type != "meta":
             weight = torch.zeros_like(own["conv_in.weight"])
-            weight[:, : unet.config.in_channels] = unet.conv_in.weight.detach()
+            weight[:, : unet.config.in_channels] = unet.conv_in.weight.detach().to(weight.dtype)
             source["conv_in.weight"] = weight  # mask channel zero-initialised
             self.unet.load_state_dict(source, strict=True)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DConditionModel
+from machine import describe_machine
 
 from anystory.components import build_random
 from anystory.config import AnyStoryConfig, QFormerConfig, RouterConfig
@@ -138,19 +138,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, clock: str = "wall")
     fn()
     synchronize(device)
     return (read() - start) * 1e3
-
-
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device.type}: {name}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

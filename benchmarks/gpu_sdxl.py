@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from machine import describe_machine
 
 from anystory.components import build_random
 from anystory.config import AnyStoryConfig
@@ -241,20 +241,6 @@ def format_row(label: str, result: Measurement, extra: str, device: torch.device
     memory = (f"peak {result.peak / GIB:7.2f} GiB (resident before the call {result.resident / GIB:6.2f} GiB)"
               if device.type == "cuda" else "peak memory n/a on CPU")
     return f"  {label:<42} {result.median_ms:10.1f} ms   {memory}   {extra}"
-
-
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        name = f"{props.name}, {props.total_memory / GIB:.0f} GiB"
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device.type}: {name}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

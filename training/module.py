@@ -40,7 +40,7 @@ class AnyStoryModule(L.LightningModule):
         weight_decay: float = 1e-2,
         warmup_steps: int = 0,
         routing_weight: float = 0.1,
-        coarse_routing_weight: float = 0.0,
+        coarse_routing_weight: float = 0.5,  # the coarse map drives the masked attention: supervise it too
         gradient_checkpointing: bool = False,
         frozen_dtype: str = "float32",
         val_timesteps: list[int] | None = None,
@@ -73,6 +73,9 @@ class AnyStoryModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        if hp.frozen_dtype != "float32" and self._trainer is not None and "mixed" not in str(self.trainer.precision):
+            raise ValueError(f"frozen_dtype={hp.frozen_dtype} needs mixed precision (trainer.precision: bf16-mixed): "
+                             "the trained parts stay float32")
         components = self.build_components()
         config = get_preset(hp.preset)
         config.weights = dict(hp.weights or {})
@@ -121,7 +124,9 @@ class AnyStoryModule(L.LightningModule):
                      timesteps: torch.Tensor | None = None) -> dict[str, Any]:
         vae = self.vae
         pixels = batch["pixels"].to(vae.dtype)
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        posterior = vae.encode(pixels).latent_dist
+        # Validation (a noise seed given) is reproducible: the posterior mean, seeded noise.
+        latents = (posterior.sample() if noise_seed is None else posterior.mean) * vae.config.scaling_factor
         generator = None if noise_seed is None else torch.Generator(latents.device).manual_seed(noise_seed)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if timesteps is None:
@@ -185,8 +190,8 @@ class AnyStoryModule(L.LightningModule):
                 ious, counted = zip(*(routing_iou(m.probs, m.hw, batch["masks"], batch["valid"])
                                       for m in out.routing.values()), strict=True)
                 ious, counted = torch.stack(ious), torch.stack(counted)
-                self.log("val/router_miou", ious[counted].mean() if counted.any() else ious.new_tensor(0.0),
-                         batch_size=bs)
+                if counted.any():
+                    self.log("val/router_miou", ious[counted].mean(), batch_size=int(counted.sum()))
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]

@@ -101,3 +101,13 @@ def test_cache_is_filled_once_and_never_used_with_gradients(model, tiny_config):
     assert len(calls) == 1
     ctx.reference_kv("a", compute)  # grad enabled: training never reads a cache
     assert len(calls) == 2
+
+
+def test_bfloat16_generation_runs_in_one_dtype(model, components, tmp_path):
+    from anystory.export import load_export, save_export
+
+    save_export(model, tmp_path / "export", components=components)
+    loaded, loaded_components = load_export(tmp_path / "export", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    image = AnyStoryPipeline(loaded, loaded_components)("toy", [_reference(0, False)], num_inference_steps=2).images[0]
+    assert np.asarray(image).std() > 0

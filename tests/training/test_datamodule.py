@@ -109,3 +109,19 @@ def test_validation_is_shared_between_ranks_without_overlap(shard_dirs, monkeypa
         seen.append({k for b in dm.val_dataloader() for k in b["key"]})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"test-000000-{i:06d}" for i in range(4)}
+
+
+def test_each_epoch_draws_a_new_stream(shard_dirs):
+    dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], batch_size=2, num_workers=1,
+                         batches_per_epoch=4, shuffle_buffer=1, sample=SAMPLE)
+    loader = dm.train_dataloader()
+    epochs = [[(k, b["drop"].tolist()) for b in loader for k in b["key"]] for _ in range(3)]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    # ... and a run resumed at another step does not replay the first run's stream.
+    class _Trainer:
+        global_step = 40
+
+    resumed = ShardDataModule(train_shards=[str(shard_dirs["train"])], batch_size=2, num_workers=1,
+                              batches_per_epoch=4, shuffle_buffer=1, sample=SAMPLE)
+    resumed.trainer = _Trainer()
+    assert [k for b in resumed.train_dataloader() for k in b["key"]] != [k for k, _ in epochs[0]]

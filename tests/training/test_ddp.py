@@ -20,7 +20,9 @@ def test_torchrun_two_processes(shard_dirs, tmp_path):
     strategy.write_text("trainer:\n  devices: 2\n  strategy:\n"
                         "    class_path: lightning.pytorch.strategies.DDPStrategy\n"
                         "    init_args: {broadcast_buffers: false, process_group_backend: gloo}\n")
-    args = fit_args(shard_dirs, stage=1, max_steps=2, extra=["-c", str(strategy), "--data.num_workers=0"])
+    # Stage 2: every router parameter must get a gradient, or DDP fails at its second step.
+    args = fit_args(shard_dirs, stage=2, max_steps=3,
+                    extra=["-c", str(strategy), "--data.num_workers=0", "--model.init_args.init_from=null"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-port=29531", "-m", "training", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -33,6 +35,6 @@ def test_torchrun_two_processes(shard_dirs, tmp_path):
             proc.wait()
     assert proc.returncode == 0, log[-5000:]
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # both ranks joined one process group
-    ckpt = torch.load(str(tmp_path / "runs" / "tiny_stage1" / "checkpoints" / "last.ckpt"),
+    ckpt = torch.load(str(tmp_path / "runs" / "tiny_stage2" / "checkpoints" / "last.ckpt"),
                       map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 2
+    assert ckpt["global_step"] == 3

@@ -73,10 +73,12 @@ class DecodeAndBatch:
     counter: RejectCounter
     train: bool
     seed: int
+    epoch: int = 0  # counts this worker's passes, so each epoch draws new augmentations and drops
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         info = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"{self.seed}-{info}")
+        rng = random.Random(f"{self.seed}-{info}-{self.epoch}")
+        self.epoch += 1
         pending: list[dict[str, Any]] = []
         for raw in samples:
             sample_rng = rng if self.train else random.Random(zlib.crc32(raw.get("__key__", "").encode()))
@@ -109,13 +111,21 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.sample = sample or SampleConfig()
 
+    def _stream_seed(self) -> int:
+        """The run's seed, moved on by the step a resumed run starts from, so that a resumed run
+        does not replay the stream of the first run."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return self.hparams.seed + 1_000_003 * step
+
     def _pipeline(self, locations: list[str], train: bool) -> wds.DataPipeline:
         counter = RejectCounter()
         shards = list_shards(locations)
         stages: list[Any] = []
+        seed = self._stream_seed()
         if train:
             # Every rank and worker draws shards with replacement from its own seed: no split needed.
-            stages.append(wds.ResampledShards(shards, seed=self.hparams.seed, deterministic=True))
+            # The shard list keeps its own epoch count in persistent workers: each epoch differs.
+            stages.append(wds.ResampledShards(shards, seed=seed, deterministic=True))
         else:
             stages += [wds.SimpleShardList(shards), wds.split_by_worker]
         stages.append(wds.tarfile_to_samples(handler=counter.tar_error))
@@ -124,15 +134,17 @@ class ShardDataModule(L.LightningDataModule):
         if train and self.hparams.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.hparams.shuffle_buffer, initial=min(64, self.hparams.shuffle_buffer)))
         batch_size = self.hparams.batch_size if train else (self.hparams.val_batch_size or self.hparams.batch_size)
-        stages.append(DecodeAndBatch(DecodeSample(self.sample), batch_size, counter, train, self.hparams.seed))
+        stages.append(DecodeAndBatch(DecodeSample(self.sample), batch_size, counter, train, seed))
         return wds.DataPipeline(*stages)
 
-    def _loader(self, pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
+    def _loader(self, pipeline: wds.DataPipeline, workers: int, persistent: bool = False) -> wds.WebLoader:
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
-                             persistent_workers=False, pin_memory=False)
+                             persistent_workers=persistent and workers > 0, pin_memory=False)
 
     def train_dataloader(self) -> wds.WebLoader:
-        loader = self._loader(self._pipeline(self.hparams.train_shards, train=True), self.hparams.num_workers)
+        # Persistent workers keep their pipeline objects, whose epoch counters move the stream on.
+        loader = self._loader(self._pipeline(self.hparams.train_shards, train=True), self.hparams.num_workers,
+                              persistent=True)
         # A fixed epoch length per rank: resampled streams are endless.
         return loader.with_epoch(self.hparams.batches_per_epoch)
 
