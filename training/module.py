@@ -33,7 +33,7 @@ class AnyStoryModule(L.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        weights: dict[str, str] | None = None,
+        weights: dict[str, str | None] | None = None,
         base_dir: str | None = None,
         init_from: str | None = None,
         lr: float = 1e-4,
