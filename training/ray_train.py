@@ -6,6 +6,7 @@ Ray's DDP strategy and cluster environment, and fits; Ray places the workers on 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import ray
@@ -14,10 +15,15 @@ from ray.train.torch import TorchTrainer
 
 
 def _train(config: dict[str, Any]) -> None:
+    import os
+
     from ray.train.lightning import prepare_trainer
 
     from training.__main__ import main
 
+    # Relative paths of the config (shards, run folders) mean the launcher's folder, as with torchrun;
+    # on a cluster that folder must exist on every node (a shared filesystem).
+    os.chdir(config["cwd"])
     args = [
         *config["cli_args"],
         "--trainer.strategy=ray.train.lightning.RayDDPStrategy",
@@ -36,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--ckpt-path", default=None, help="resume from this checkpoint (or 'last')")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
     parser.add_argument("cli_args", nargs=argparse.REMAINDER, help="-- then the `python -m training fit` arguments")
     args = parser.parse_args(argv)
     cli_args = args.cli_args[1:] if args.cli_args[:1] == ["--"] else args.cli_args
-    ray.init(address=args.address)
+    ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None)
     trainer = TorchTrainer(
         _train,
-        train_loop_config={"cli_args": cli_args, "ckpt_path": args.ckpt_path},
+        train_loop_config={"cli_args": cli_args, "ckpt_path": args.ckpt_path, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpus,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
     )
