@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import posixpath
 import time
@@ -14,10 +15,29 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import PIPELINE_VERSION, DataConfig, params_hash
+from pipelines.config import PIPELINE_VERSION, ConfigError, DataConfig, params_hash
 from pipelines.runner import Group, make_groups, run_local
 from pipelines.shards.storage import ShardStore
 from pipelines.sources import build_source
+
+
+def _local_files(units: Any) -> list[str]:
+    """Paths of existing local files named anywhere in a unit list."""
+    if isinstance(units, str):
+        return [units] if os.path.isfile(units) else []
+    if isinstance(units, dict):
+        units = list(units.values())
+    if isinstance(units, (list, tuple)):
+        return [p for u in units for p in _local_files(u)]
+    return []
+
+
+def units_digest(units: Any) -> str:
+    """What a shard is made from: the units (file names, given annotations) and the size and mtime
+    of every local file they name, so that an input rewritten under the same name redoes its shard."""
+    files = sorted(set(_local_files(units)))
+    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps([units, stamps], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def plan_shards(cfg: DataConfig, kind: str) -> list[dict[str, Any]]:
@@ -25,10 +45,13 @@ def plan_shards(cfg: DataConfig, kind: str) -> list[dict[str, Any]]:
     per_shard = cfg.shards.images_per_shard if kind == "unpaired" else cfg.shards.videos_per_shard
     h = params_hash(cfg, kind)
     specs = []
-    for source_cfg in getattr(cfg.sources, kind):
-        for units in build_source(source_cfg).plan(per_shard):
-            # The units' digest (file names, given annotations) tells a rerun whether the inputs moved.
-            digest = hashlib.sha256(json.dumps(units, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    for i, source_cfg in enumerate(getattr(cfg.sources, kind)):
+        planned = build_source(source_cfg).plan(per_shard)
+        if not planned:
+            # An empty source is a mistake (a typo, an unmounted disk), never a reason to delete shards.
+            raise ConfigError(f"data.sources.{kind}[{i}] ({source_cfg.name!r}) found no inputs")
+        for units in planned:
+            digest = units_digest(units)
             specs.append({"kind": kind, "shard": len(specs), "source": source_cfg.name, "source_cfg": source_cfg,
                           "units": units, "units_sha256": digest, "params_hash": h,
                           "pipeline_version": PIPELINE_VERSION})
@@ -120,6 +143,10 @@ def run_build(cfg: DataConfig, kind: str, out_url: str, runner: str = "ray",
     done = store.done()
     pending = [s for s in specs if not _is_fresh(done.get(s["shard"]), s)]
     removed = store.clean_temps({s["shard"] for s in pending})
+    # A stale shard stops counting as done before its new tar is published: stats first.
+    for s in pending:
+        if s["shard"] in done:
+            store.remove(f"{s['shard']:06d}.stats.json")
     # Published shards the current plan does not have (fewer inputs than before): not ours any more.
     for n in sorted(set(done) - {s["shard"] for s in specs}):
         for name in (f"{n:06d}.stats.json", f"{n:06d}.tar"):  # stats first: a shard is never half-present

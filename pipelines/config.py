@@ -144,9 +144,11 @@ class DataConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def check(self, path: str) -> None:
-        # Sources are a tagged union (`type`), checked here against the source registry.
+        # Sources are a tagged union (`type`), checked here against the source registry. Names are
+        # unique across both kinds: a name starts every sample key, and training reads both kinds.
+        names: set[str] = set()
         for kind, media in (("unpaired", "image"), ("paired", "video")):
-            parsed, names = [], set()
+            parsed = []
             for i, raw in enumerate(getattr(self.sources, kind)):
                 p = f"{path}.sources.{kind}[{i}]"
                 cfg = parse_source(raw, p)
@@ -154,7 +156,7 @@ class DataConfig:
                     raise ConfigError(f"{p}.type: a {cfg.type} source gives {SOURCE_TYPES[cfg.type][1].media}s;"
                                       f" {kind} shards need {media}s")
                 if cfg.name in names:
-                    raise ConfigError(f"{p}.name: {cfg.name!r} used twice")
+                    raise ConfigError(f"{p}.name: {cfg.name!r} used twice (names start the sample keys)")
                 names.add(cfg.name)
                 parsed.append(cfg)
             setattr(self.sources, kind, parsed)

@@ -35,7 +35,7 @@ def toy_params(toy_dir: str | Path, out_dir: str | Path, **data_overrides: Any) 
     data["sources"] = {
         "unpaired": [{"type": "coco", "name": "toyworld", "annotations": f"{toy_dir}/images/annotations.json",
                       "images": f"{toy_dir}/images"}],
-        "paired": [{"type": "video_folder", "name": "toyworld", "path": f"{toy_dir}/videos"}],
+        "paired": [{"type": "video_folder", "name": "toyvideo", "path": f"{toy_dir}/videos"}],
     }
     data["shards"].update(images_per_shard=6, videos_per_shard=2)
     data["ray"]["num_cpus"] = 2

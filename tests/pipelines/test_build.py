@@ -115,3 +115,45 @@ def test_output_to_a_file_url(tmp_path, toy_dir):
     assert result.out == f"file://{tmp_path}/remote/paired"
     stats = read_stats(tmp_path / "remote" / "paired")
     assert len(stats) == result.planned and sum(s["samples"] for s in stats.values()) > 0
+
+
+def test_a_source_that_finds_nothing_is_an_error_and_deletes_nothing(tmp_path):
+    import pytest
+
+    from pipelines.build import run_build
+    from pipelines.config import ConfigError, parse_data_config
+
+    out = tmp_path / "out" / "unpaired"
+    out.mkdir(parents=True)
+    (out / "000000.tar").write_bytes(b"published")
+    (out / "000000.stats.json").write_text("{}")
+    params = {"sources": {"unpaired": [{"type": "webdataset", "name": "gone", "path": str(tmp_path / "missing" / "*.tar")}],
+                          "paired": []}}
+    cfg = parse_data_config(params)
+    with pytest.raises(ConfigError, match="found no inputs"):
+        run_build(cfg, "unpaired", str(tmp_path / "out"), runner="local")
+    assert (out / "000000.tar").read_bytes() == b"published" and (out / "000000.stats.json").exists()
+
+
+def test_an_input_rewritten_under_the_same_name_redoes_its_shard(tmp_path):
+    import os
+
+    from pipelines.build import units_digest
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"one")
+    before = units_digest([{"file": str(image), "caption": "x"}])
+    image.write_bytes(b"other bytes")
+    os.utime(image, ns=(1, 1))
+    assert units_digest([{"file": str(image), "caption": "x"}]) != before
+
+
+def test_source_names_are_unique_across_kinds():
+    import pytest
+
+    from pipelines.config import ConfigError, parse_data_config
+
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_data_config({"sources": {
+            "unpaired": [{"type": "webdataset", "name": "same", "path": "/x/*.tar"}],
+            "paired": [{"type": "video_folder", "name": "same", "path": "/x"}]}})
