@@ -24,10 +24,13 @@ def _train(config: dict[str, Any]) -> None:
     # Relative paths of the config (shards, run folders) mean the launcher's folder, as with torchrun;
     # on a cluster that folder must exist on every node (a shared filesystem).
     os.chdir(config["cwd"])
+    # Class paths in dict form: a bare string would be taken as a strategy *name*. Constant buffers
+    # are not broadcast (no collective in validation, whose batches may differ between ranks).
     args = [
         *config["cli_args"],
-        "--trainer.strategy=ray.train.lightning.RayDDPStrategy",
-        "--trainer.plugins=ray.train.lightning.RayLightningEnvironment",
+        '--trainer.strategy={"class_path": "ray.train.lightning.RayDDPStrategy",'
+        ' "init_args": {"forward_sync_buffers": false}}',
+        '--trainer.plugins=[{"class_path": "ray.train.lightning.RayLightningEnvironment"}]',
         "--trainer.devices=auto",
     ]
     cli = main(args, run=False)

@@ -19,7 +19,7 @@ def test_torchrun_two_processes(shard_dirs, tmp_path):
     strategy = tmp_path / "ddp.yaml"  # buffers are constant: no broadcast, and no hang on uneven validation
     strategy.write_text("trainer:\n  devices: 2\n  strategy:\n"
                         "    class_path: lightning.pytorch.strategies.DDPStrategy\n"
-                        "    init_args: {broadcast_buffers: false, process_group_backend: gloo}\n")
+                        "    init_args: {forward_sync_buffers: false, process_group_backend: gloo}\n")
     # Stage 2: every router parameter must get a gradient, or DDP fails at its second step.
     args = fit_args(shard_dirs, stage=2, max_steps=3,
                     extra=["-c", str(strategy), "--data.num_workers=0", "--model.init_args.init_from=null"])
