@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import (
     CLIPTextConfig,
@@ -46,6 +46,22 @@ class BaseComponents:
     tokenizer_2: CLIPTokenizer
     image_encoder: CLIPVisionModelWithProjection
     scheduler: EulerDiscreteScheduler
+
+
+def sdxl_pipeline(components: BaseComponents, unet: UNet2DConditionModel | None = None) -> StableDiffusionXLPipeline:
+    """diffusers' SDXL pipeline over these components (references, not copies): its prompt encoding
+    and sampling loop serve training and inference alike."""
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=unet or components.unet,
+        scheduler=components.scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def make_scheduler(use_karras_sigmas: bool = True) -> EulerDiscreteScheduler:

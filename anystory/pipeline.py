@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from anystory.components import BaseComponents
+from anystory.components import BaseComponents, sdxl_pipeline
 from anystory.context import LayerRouting, ReferenceEncoding
 from anystory.model import AnyStoryModel
 from anystory.preprocess import encode_subjects, prepare_reference
@@ -35,16 +34,7 @@ class AnyStoryPipeline:
     def __init__(self, model: AnyStoryModel, components: BaseComponents) -> None:
         self.model = model.eval()
         self.components = components
-        self.sdxl = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=model.unet,
-            scheduler=components.scheduler,
-        )
-        self.sdxl.set_progress_bar_config(disable=True)
+        self.sdxl = sdxl_pipeline(components, unet=model.unet)
 
     @property
     def device(self) -> torch.device:

@@ -29,8 +29,19 @@ def _copy_linear(source: nn.Linear, in_features: int | None = None) -> nn.Linear
     return layer
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return rearrange(x, "... n (h d) -> ... h n d", h=heads)
+
+
+def output_projection(attn: Attention, heads_out: torch.Tensor) -> torch.Tensor:
+    """(B, heads, n, d) attention output -> the layer's to_out (linear, dropout)."""
+    return attn.to_out[1](attn.to_out[0](rearrange(heads_out, "b h n d -> b n (h d)")))
+
+
+def self_attention(attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layer's own self-attention, as diffusers computes it for SDXL blocks."""
+    q, k, v = (split_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    return output_projection(attn, F.scaled_dot_product_attention(q, k, v))
 
 
 def _check_plain(attn: Attention, hidden_states: torch.Tensor) -> None:
@@ -39,10 +50,6 @@ def _check_plain(attn: Attention, hidden_states: torch.Tensor) -> None:
         raise NotImplementedError("AnyStory processors expect SDXL-style (B, tokens, dim) attention")
     if attn.residual_connection or attn.rescale_output_factor != 1.0:
         raise NotImplementedError("AnyStory processors expect no residual / rescale in the attention layer")
-
-
-def _finish(attn: Attention, heads_out: torch.Tensor) -> torch.Tensor:
-    return attn.to_out[1](attn.to_out[0](rearrange(heads_out, "b h n d -> b n (h d)")))
 
 
 class RoutedCrossAttnProcessor(nn.Module):
@@ -70,15 +77,15 @@ class RoutedCrossAttnProcessor(nn.Module):
             raise NotImplementedError("text attention masks are not used by SDXL")
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        q = _heads(attn.to_q(hidden_states), attn.heads)
-        k = _heads(attn.to_k(encoder_hidden_states), attn.heads)
-        v = _heads(attn.to_v(encoder_hidden_states), attn.heads)
+        q = split_heads(attn.to_q(hidden_states), attn.heads)
+        k = split_heads(attn.to_k(encoder_hidden_states), attn.heads)
+        v = split_heads(attn.to_v(encoder_hidden_states), attn.heads)
         out = F.scaled_dot_product_attention(q, k, v)
         if anystory is not None:
             gate = self._gate(anystory, hidden_states)  # (B, hw, R)
             if anystory.subject_attention and anystory.eta != 0.0:
                 out = out + anystory.eta * self._subject_attention(attn, q, anystory, gate)
-        return _finish(attn, out)
+        return output_projection(attn, out)
 
     def _gate(self, ctx: RoutingContext, hidden_states: torch.Tensor) -> torch.Tensor:
         refs = ctx.refs
@@ -105,7 +112,7 @@ class RoutedCrossAttnProcessor(nn.Module):
         routes = tokens.shape[1]
         # One softmax per route: fold the routes into the batch of a single SDPA call.
         k, v = ctx.reference_kv(f"{self.layer_index}.subject", lambda: tuple(
-            rearrange(_heads(proj(tokens), attn.heads), "b r h t d -> (b r) h t d") for proj in (self.to_k, self.to_v)
+            rearrange(split_heads(proj(tokens), attn.heads), "b r h t d -> (b r) h t d") for proj in (self.to_k, self.to_v)
         ))
         q_routes = rearrange(q.unsqueeze(1).expand(-1, routes, -1, -1, -1), "b r h n d -> (b r) h n d")
         per_route = rearrange(
@@ -141,18 +148,18 @@ class RoutedReferenceAttnProcessor(nn.Module):
         _check_plain(attn, hidden_states)
         if attention_mask is not None or encoder_hidden_states is not None:
             raise NotImplementedError("SDXL self-attention takes no mask and no encoder states")
-        q = _heads(attn.to_q(hidden_states), attn.heads)
-        k = _heads(attn.to_k(hidden_states), attn.heads)
-        v = _heads(attn.to_v(hidden_states), attn.heads)
+        q = split_heads(attn.to_q(hidden_states), attn.heads)
+        k = split_heads(attn.to_k(hidden_states), attn.heads)
+        v = split_heads(attn.to_v(hidden_states), attn.heads)
         bias = None
         if anystory is not None and anystory.reference_attention and self.uses_reference:
             features = anystory.refs.bank[self.block_name]  # (B, N, m, d)
             ref_k, ref_v = anystory.reference_kv(f"{self.layer_index}.reference", lambda: tuple(
-                _heads(rearrange(proj(features), "b s m c -> b (s m) c"), attn.heads) for proj in (self.to_k, self.to_v)
+                split_heads(rearrange(proj(features), "b s m c -> b (s m) c"), attn.heads) for proj in (self.to_k, self.to_v)
             ))
             k, v = torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
             bias = self._bias(anystory, hidden_states, features.shape[2])
-        return _finish(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+        return output_projection(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
     def _bias(self, ctx: RoutingContext, hidden_states: torch.Tensor, ref_tokens: int) -> torch.Tensor | None:
         """Additive attention bias (B, 1, hw or 1, hw + N * m) of Eq. 7."""

@@ -9,10 +9,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
-from einops import rearrange
 from torch import nn
 
 from anystory.layers import transformer_block_names
+from anystory.processors import self_attention
 
 
 class BankWriterProcessor:
@@ -33,10 +33,7 @@ class BankWriterProcessor:
     ) -> torch.Tensor:
         if bank is not None and self.tap:
             bank[self.block_name] = hidden_states
-        q, k, v = (rearrange(f(hidden_states), "b n (h d) -> b h n d", h=attn.heads)
-                   for f in (attn.to_q, attn.to_k, attn.to_v))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return attn.to_out[1](attn.to_out[0](rearrange(out, "b h n d -> b n (h d)")))
+        return self_attention(attn, hidden_states)
 
 
 def _strip_cross_attention(unet: UNet2DConditionModel) -> None:

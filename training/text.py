@@ -4,23 +4,13 @@ inference (both encoders' penultimate states, the second encoder's pooled embedd
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
-from anystory.components import BaseComponents
+from anystory.components import BaseComponents, sdxl_pipeline
 
 
 class TextEncoder:
     def __init__(self, components: BaseComponents) -> None:
-        # A pipeline object only for its encode_prompt; it holds references, not copies.
-        self.pipe = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=components.scheduler,
-        )
+        self.pipe = sdxl_pipeline(components)  # only for its encode_prompt
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
