@@ -30,9 +30,9 @@ def finite_positive(text: str) -> float:
 
 def test_attention_overhead_quick() -> None:
     out = run_script("attention_overhead.py", "--quick")
-    rows = re.findall(r"^\s*(\d+)\s+(\S+)\s+(\S+)\s+(\S+)x\s*$", out, flags=re.MULTILINE)
-    assert sorted(int(n) for n, *_ in rows) == [1, 2, 4], out
-    for _, plain_ms, anystory_ms, ratio in rows:
+    rows = re.findall(r"^\s*(\d+)\s+(forward|step)\s+(\S+)\s+(\S+)\s+(\S+)x\s*$", out, flags=re.MULTILINE)
+    assert sorted((int(n), kind) for n, kind, *_ in rows) == [(n, k) for n in (1, 2, 4) for k in ("forward", "step")], out
+    for _, _, plain_ms, anystory_ms, ratio in rows:
         for value in (plain_ms, anystory_ms, ratio):
             finite_positive(value)
     assert "target: <= 1.25x for N = 2 at SDXL shapes" in out
