@@ -8,7 +8,7 @@
 2. Memory: peak memory of the Ray build (driver + every Ray process: the sum of their PSS, sampled
    every 0.2 s) on the base input and on an input 4x larger, each on a fresh cluster; their ratio.
 
-    python benchmarks/build_shards.py [--images 960] [--size 384] [--per-shard 16] [--num-cpus 2]
+    python benchmarks/build_shards.py [--images 960] [--size 384] [--per-shard 32] [--num-cpus 2]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=960)  # base input; the memory check uses 4x this
     ap.add_argument("--size", type=int, default=384)
-    ap.add_argument("--per-shard", type=int, default=16)
+    ap.add_argument("--per-shard", type=int, default=32)  # params.yaml's data.shards.images_per_shard
     ap.add_argument("--num-cpus", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
