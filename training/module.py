@@ -172,7 +172,8 @@ class AnyStoryModule(L.LightningModule):
 
     def count_rejections(self, batch: dict[str, Any]) -> None:
         self.rejected.update(batch.get("rejected") or {})
-        self.log("data/rejected", float(sum(self.rejected.values())), batch_size=1, reduce_fx="sum")
+        # A running total: its epoch aggregate is the largest value, not a sum.
+        self.log("data/rejected", float(sum(self.rejected.values())), batch_size=1, reduce_fx="max")
 
     # ----- validation: the condition gain, and the router's mIoU in stage 2 -----
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
