@@ -60,6 +60,11 @@ class AutoConfig:
     batch_size: int = 4  # images per model call
     concurrency: int = 1  # actors
 
+    def check(self, path: str) -> None:
+        # A GPU reserved for an annotator that runs on the CPU is a GPU wasted, silently.
+        if self.num_gpus > 0 and self.model.get("device", "cpu") == "cpu":
+            raise ConfigError(f"{path}.num_gpus: {self.num_gpus} GPUs reserved but {path}.model.device is cpu")
+
 
 @dataclass
 class AnnotateConfig:

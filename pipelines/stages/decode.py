@@ -64,7 +64,8 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray, np.
         raise Rejected("empty_file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # check_size (data.decode.max_pixels) is the limit; Pillow's own warning would undercut it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             check_size(im.width, im.height, cfg)  # before decoding pixels: a bomb never gets allocated
             im.load()

@@ -72,10 +72,11 @@ class MakePairs:
         for i in list(live_rows(batch)):
             row = {k: v[i] for k, v in batch.items()}
             samples, dropped = self.pairs_of(row)
-            batch["samples"][i], batch["dropped"][i] = samples, dropped
+            # Keep the filter's drop reasons: the stats count both.
+            batch["samples"][i], batch["dropped"][i] = samples, list(batch["dropped"][i] or []) + dropped
             if not samples:
-                has_subjects = any(row["subjects"][k] and not (row.get("frame_rejects") or [None] * 999)[k]
-                                   for k in range(len(row["frames"])))
+                rejects = row.get("frame_rejects") or [None] * len(row["frames"])
+                has_subjects = any(row["subjects"][k] and not rejects[k] for k in range(len(row["frames"])))
                 reject(batch, i, "no_pairs" if has_subjects else "no_subjects")
             # Frames are now inside the samples; drop the rest to keep the row light.
             batch["frames"][i] = None

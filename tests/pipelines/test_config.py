@@ -59,3 +59,13 @@ def test_params_hash_follows_content_not_runtime_settings():
     assert params_hash(parse_data_config(content), "unpaired") != params_hash(base, "unpaired")
     assert params_hash(parse_data_config(video_only), "unpaired") == params_hash(base, "unpaired")
     assert params_hash(parse_data_config(video_only), "paired") != params_hash(base, "paired")
+
+
+def test_gpus_reserved_for_a_cpu_annotator_is_an_error():
+    import pytest
+
+    from pipelines.config import ConfigError, parse_data_config
+
+    with pytest.raises(ConfigError, match="num_gpus"):
+        parse_data_config({"annotate": {"mode": "auto", "auto": {"num_gpus": 1, "model": {"device": "cpu"}}}})
+    parse_data_config({"annotate": {"mode": "auto", "auto": {"num_gpus": 1, "model": {"device": "cuda"}}}})
