@@ -72,8 +72,7 @@ class MakePairs:
         for i in list(live_rows(batch)):
             row = {k: v[i] for k, v in batch.items()}
             samples, dropped = self.pairs_of(row)
-            # Keep the filter's drop reasons: the stats count both.
-            batch["samples"][i], batch["dropped"][i] = samples, list(batch["dropped"][i] or []) + dropped
+            batch["samples"][i], batch["dropped"][i] = samples, dropped
             if not samples:
                 rejects = row.get("frame_rejects") or [None] * len(row["frames"])
                 has_subjects = any(row["subjects"][k] and not rejects[k] for k in range(len(row["frames"])))
