@@ -27,7 +27,7 @@ from anystory.components import SDXL_SCHEDULER
 from anystory.export import load_export
 from anystory.losses import routing_iou
 from anystory.model import AnyStoryModel
-from anystory.preprocess import encode_subjects
+from training.conditions import encode_conditions, seeded_noise
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
 from training.text import TextEncoder
@@ -79,7 +79,6 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int], se
     device = model.unet.device
     text = TextEncoder(components)
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
-    vae = components.vae
     losses: dict[str, _Mean] = defaultdict(_Mean)
     miou: dict[str, dict[str, _Mean]] = defaultdict(lambda: defaultdict(_Mean))
     generator = torch.Generator().manual_seed(seed)
@@ -88,17 +87,14 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int], se
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         bs = batch["pixels"].shape[0]
         samples += bs
-        latents = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        embeds, pooled = text(batch["caption"], device)
-        added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)}
-        subjects = encode_subjects(vae, batch["clip_pixels"], batch["ref_pixels"], batch["ref_masks"], batch["valid"])
-        refs = model.encode_references(subjects)
+        cond = encode_conditions(components.vae, text, batch, device, sample_latents=False)
+        refs = model.encode_references(cond.subjects)
         for t in timesteps:
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(batch_index * 7919 + t)).to(device)
+            noise = seeded_noise(cond.latents, batch_index * 7919 + t)
             ts = torch.full((bs,), t, device=device, dtype=torch.long)
-            noisy = scheduler.add_noise(latents, noise, ts)
+            noisy = scheduler.add_noise(cond.latents, noise, ts)
             for name, switches in ABLATIONS.items():
-                out = model(noisy, ts, embeds, added, refs, sampling="argmax", **switches)
+                out = model(noisy, ts, cond.embeds, cond.added, refs, sampling="argmax", **switches)
                 losses[name].add(F.mse_loss(out.noise_pred.float(), noise.float(), reduction="none").mean((1, 2, 3)))
                 if name != "both":
                     continue

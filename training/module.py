@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, load_pretrained
+from anystory.context import ReferenceEncoding
 from anystory.export import load_adapter_weights
 from anystory.losses import routing_iou, routing_loss
 from anystory.model import AnyStoryModel
-from anystory.preprocess import encode_subjects
 from anystory.presets import get_preset
+from training.conditions import Conditions, encode_conditions, seeded_noise
 from training.text import TextEncoder
 
 STAGES = (1, 2)
@@ -119,35 +120,12 @@ class AnyStoryModule(L.LightningModule):
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
     # ----- batch -> model inputs -----
-    @torch.no_grad()
-    def encode_batch(self, batch: dict[str, Any], noise_seed: int | None = None,
-                     timesteps: torch.Tensor | None = None) -> dict[str, Any]:
-        vae = self.vae
-        pixels = batch["pixels"].to(vae.dtype)
-        posterior = vae.encode(pixels).latent_dist
-        # Validation (a noise seed given) is reproducible: the posterior mean, seeded noise.
-        latents = (posterior.sample() if noise_seed is None else posterior.mean) * vae.config.scaling_factor
-        generator = None if noise_seed is None else torch.Generator(latents.device).manual_seed(noise_seed)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=latents.device, generator=generator)
-        embeds, pooled = self.encode_text(batch["caption"], self.device)
-        subjects = encode_subjects(vae, batch["clip_pixels"], batch["ref_pixels"], batch["ref_masks"],
-                                   batch["valid"], batch.get("drop"))
-        return {
-            "noisy": self.noise_scheduler.add_noise(latents, noise, timesteps),
-            "noise": noise,
-            "timesteps": timesteps,
-            "embeds": embeds,
-            "added": {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)},
-            "subjects": subjects,
-        }
+    def conditions(self, batch: dict[str, Any], sample_latents: bool) -> Conditions:
+        return encode_conditions(self.vae, self.encode_text, batch, self.device, sample_latents)
 
-    def run_model(self, inputs: dict[str, Any], **kwargs: Any):
-        refs = self.model.encode_references(inputs["subjects"])
-        return self.model(inputs["noisy"], inputs["timesteps"], inputs["embeds"], inputs["added"], refs,
-                          router=self.stage == 2, **kwargs)
+    def run_model(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditions, refs: ReferenceEncoding,
+                  **kwargs: Any):
+        return self.model(noisy, timesteps, cond.embeds, cond.added, refs, router=self.stage == 2, **kwargs)
 
     def diffusion_loss(self, noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(noise_pred.float(), noise.float())
@@ -155,9 +133,13 @@ class AnyStoryModule(L.LightningModule):
     # ----- training -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.count_rejections(batch)
-        inputs = self.encode_batch(batch)
-        out = self.run_model(inputs)
-        loss = self.diffusion_loss(out.noise_pred, inputs["noise"])
+        cond = self.conditions(batch, sample_latents=True)
+        noise = torch.randn_like(cond.latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (noise.shape[0],),
+                                  device=noise.device)
+        noisy = self.noise_scheduler.add_noise(cond.latents, noise, timesteps)
+        out = self.run_model(noisy, timesteps, cond, self.model.encode_references(cond.subjects))
+        loss = self.diffusion_loss(out.noise_pred, noise)
         logs = {"train/loss_diffusion": loss.detach()}
         if self.stage == 2:
             route, by_size = routing_loss(out.routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)
@@ -179,14 +161,17 @@ class AnyStoryModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         timesteps = self.hparams.val_timesteps or [250, 500, 750]
         bs = batch["pixels"].shape[0]
+        # Conditions and references once per batch; only the noise level changes below.
+        cond = self.conditions(batch, sample_latents=False)
+        refs = self.model.encode_references(cond.subjects)
         for t in timesteps:
-            inputs = self.encode_batch(batch, noise_seed=batch_idx * 1000 + t,
-                                       timesteps=torch.full((bs,), t, device=self.device, dtype=torch.long))
-            out = self.run_model(inputs)
-            without = self.run_model(inputs, eta=0.0, reference_attention=False)
-            self.log("val/loss", self.diffusion_loss(out.noise_pred, inputs["noise"]), batch_size=bs)
-            self.log("val/loss_without_subject", self.diffusion_loss(without.noise_pred, inputs["noise"]),
-                     batch_size=bs)
+            noise = seeded_noise(cond.latents, batch_idx * 1000 + t)
+            ts = torch.full((bs,), t, device=self.device, dtype=torch.long)
+            noisy = self.noise_scheduler.add_noise(cond.latents, noise, ts)
+            out = self.run_model(noisy, ts, cond, refs)
+            without = self.run_model(noisy, ts, cond, refs, eta=0.0, reference_attention=False)
+            self.log("val/loss", self.diffusion_loss(out.noise_pred, noise), batch_size=bs)
+            self.log("val/loss_without_subject", self.diffusion_loss(without.noise_pred, noise), batch_size=bs)
             if self.stage == 2:
                 ious, counted = zip(*(routing_iou(m.probs, m.hw, batch["masks"], batch["valid"])
                                       for m in out.routing.values()), strict=True)

@@ -35,15 +35,29 @@ def _crop(image: np.ndarray, mask: np.ndarray, keep: float, rng: np.random.Gener
     return image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
 
 
-def _pad(image: np.ndarray, mask: np.ndarray, scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def place_in_square(image: np.ndarray, mask: np.ndarray, side: int, top: int, left: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero square of `side` with the image (and mask) at (top, left)."""
     h, w = mask.shape
-    side = int(np.ceil(max(h, w) / scale))
-    top, left = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
     out_img = np.zeros((side, side, 3), dtype=image.dtype)
     out_mask = np.zeros((side, side), dtype=bool)
     out_img[top : top + h, left : left + w] = image
     out_mask[top : top + h, left : left + w] = mask
     return out_img, out_mask
+
+
+def pad_to_square(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad, centred, to a square (the stored reference is square; a random crop may not be)."""
+    h, w = mask.shape
+    if h == w:
+        return image, mask
+    side = max(h, w)
+    return place_in_square(image, mask, side, (side - h) // 2, (side - w) // 2)
+
+
+def _pad(image: np.ndarray, mask: np.ndarray, scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    h, w = mask.shape
+    side = int(np.ceil(max(h, w) / scale))
+    return place_in_square(image, mask, side, int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1)))
 
 
 def augment_reference(

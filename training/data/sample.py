@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from anystory.preprocess import reference_tensors
-from training.data.augment import AugmentConfig, augment_reference
+from training.data.augment import AugmentConfig, augment_reference, pad_to_square
 
 
 class SampleError(ValueError):
@@ -48,20 +48,6 @@ def _target(sample: dict[str, Any]) -> tuple[str, bytes]:
         if ext in sample:
             return ext, sample[ext]
     raise SampleError("no target image")
-
-
-def pad_to_square(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad, centred, to a square (the stored reference is square; a random crop may not be)."""
-    h, w = mask.shape
-    if h == w:
-        return image, mask
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    out_img = np.zeros((side, side, 3), dtype=image.dtype)
-    out_mask = np.zeros((side, side), dtype=bool)
-    out_img[top : top + h, left : left + w] = image
-    out_mask[top : top + h, left : left + w] = mask
-    return out_img, out_mask
 
 
 class DecodeSample:

@@ -1,0 +1,43 @@
+"""A batch of the data module -> what the routed UNet is conditioned on, computed once per batch:
+target latents, SDXL text conditioning, and the subjects. Shared by training, validation and the
+evaluation script, so that all three condition the model the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+
+from anystory.model import Subjects
+from anystory.preprocess import encode_subjects
+from training.text import TextEncoder
+
+
+@dataclass
+class Conditions:
+    latents: torch.Tensor  # scaled VAE latents of the targets
+    embeds: torch.Tensor  # (B, 77, cross_dim) text embeddings
+    added: dict[str, torch.Tensor]  # SDXL added conditions: pooled text, time ids
+    subjects: Subjects
+
+
+@torch.no_grad()
+def encode_conditions(vae: AutoencoderKL, text: TextEncoder, batch: dict[str, Any], device: torch.device,
+                      sample_latents: bool) -> Conditions:
+    """`sample_latents`: draw from the VAE posterior (training) or take its mean (reproducible
+    validation and evaluation)."""
+    posterior = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist
+    latents = (posterior.sample() if sample_latents else posterior.mean) * vae.config.scaling_factor
+    embeds, pooled = text(batch["caption"], device)
+    subjects = encode_subjects(vae, batch["clip_pixels"], batch["ref_pixels"], batch["ref_masks"], batch["valid"],
+                               batch.get("drop"))
+    return Conditions(latents, embeds, {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)},
+                      subjects)
+
+
+def seeded_noise(latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noise like `latents`, the same for a seed on any device."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return noise.to(device=latents.device, dtype=latents.dtype)
