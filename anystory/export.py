@@ -6,6 +6,7 @@ the base components are embedded under base/ in the diffusers layout."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -64,11 +65,19 @@ def read_config(directory: str | Path) -> tuple[AnyStoryConfig, bool]:
     return AnyStoryConfig.from_dict(document["config"]), bool(document["base_embedded"])
 
 
-def load_adapter_weights(model: AnyStoryModel, path: str | Path) -> None:
+def load_adapter_weights(model: AnyStoryModel, path: str | Path, keys: Collection[str] | None = None) -> None:
     """Load the exported weights into the model; any missing, unexpected or misshapen key is an
-    error that names it (no strict=False, no renaming)."""
+    error that names it (no strict=False, no renaming). `keys` loads only those entries (each must
+    be in the file with the model's shape; the file's other entries are not read): stage 2 takes
+    the stage-1 encoder this way and builds its routers afresh, whatever their width was."""
     state = load_file(str(path))
     expected = model.adapter_state_dict()
+    if keys is not None:
+        unknown = sorted(set(keys) - set(expected))
+        if unknown:
+            raise KeyError(f"not adapter keys of the model: {unknown[:10]}")
+        expected = {k: expected[k] for k in keys}
+        state = {k: v for k, v in state.items() if k in expected}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(

@@ -84,7 +84,7 @@ class AnyStoryModule(L.LightningModule):
             torch.manual_seed(hp.seed)
             self.model = AnyStoryModel(config, components.unet, components.image_encoder)
         if hp.init_from:
-            load_adapter_weights(self.model, Path(hp.init_from) / "anystory.safetensors")
+            load_adapter_weights(self.model, Path(hp.init_from) / "anystory.safetensors", self.init_keys())
         self.vae = components.vae.requires_grad_(False)
         self.text_encoder = components.text_encoder.requires_grad_(False)
         self.text_encoder_2 = components.text_encoder_2.requires_grad_(False)
@@ -95,6 +95,13 @@ class AnyStoryModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
             self.model.referencenet.unet.enable_gradient_checkpointing()
+
+    def init_keys(self) -> set[str] | None:
+        """What `init_from` loads: everything (stage 1), or all but the stage-2 set (stage 2 starts its
+        routers afresh, so their shape may differ from the stage-1 export's untrained ones)."""
+        if self.stage == 1:
+            return None
+        return set(self.model.adapter_state_dict()) - set(self.model.stage2_parameters())
 
     # Checkpoints hold what AnyStory adds (strictly checked on load), not the frozen base.
     def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False):

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anystory.export import ExportMismatchError, load_export, save_export
+from anystory.components import build_random
+from anystory.export import ExportMismatchError, load_adapter_weights, load_export, save_export
+from anystory.model import AnyStoryModel
 from tests.anystory.helpers import make_subjects, unet_inputs
 
 
@@ -76,3 +80,27 @@ def test_missing_base_weights_name_their_key(exported):
     (exported / "anystory.json").write_text(json.dumps(document))
     with pytest.raises(FileNotFoundError, match="weights.image_encoder"):
         load_export(exported)
+
+
+def test_partial_load_takes_the_encoder_into_routers_of_another_width(model, exported, tiny_config, tokenizer_dir):
+    # Stage 2 loads the stage-1 export without its (untrained) routers, so the router may change shape.
+    wider = copy.deepcopy(tiny_config)
+    wider.router = dataclasses.replace(wider.router, width=2 * wider.router.width)
+    fresh = build_random(wider, tokenizer_dir, seed=0)
+    other = AnyStoryModel(wider, fresh.unet, fresh.image_encoder)
+    encoder_keys = set(other.adapter_state_dict()) - set(other.stage2_parameters())
+    with pytest.raises(ExportMismatchError, match="wrong shape"):
+        load_adapter_weights(other, exported / "anystory.safetensors")
+    load_adapter_weights(other, exported / "anystory.safetensors", encoder_keys)
+    mine, theirs = model.adapter_state_dict(), other.adapter_state_dict()
+    assert encoder_keys and all(torch.equal(mine[k], theirs[k]) for k in encoder_keys)
+    routers = [k for k in theirs if ".router." in k and k.endswith("coarse_latent.weight")]
+    assert routers and all(theirs[k].shape[0] == 2 * tiny_config.router.width for k in routers)
+    # A requested key that the file lacks is still an error that names it.
+    state = load_file(str(exported / "anystory.safetensors"))
+    victim = sorted(k for k in encoder_keys if k.startswith("subject_qformer."))[0]
+    del state[victim]
+    save_file(state, str(exported / "anystory.safetensors"))
+    with pytest.raises(ExportMismatchError, match="missing") as err:
+        load_adapter_weights(other, exported / "anystory.safetensors", encoder_keys)
+    assert victim in str(err.value)
