@@ -4,6 +4,7 @@ call, and the routing maps each layer writes for the next layer (Eq. 7) and for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,6 +84,9 @@ class RoutingContext:
     gamma: float = 0.0
     subject_attention: bool = True  # the CLIP path (Eq. 5); off for the ReferenceNet-only ablation
     reference_attention: bool = True  # the ReferenceNet path (Eq. 6); off for the CLIP-only ablation
+    # Routes given from outside instead of the routers' (evaluation: what a perfect router would
+    # route): layer size (h, w) -> one-hot (B, h * w, N + 1). None: the routers decide.
+    given_routes: Callable[[tuple[int, int]], torch.Tensor] | None = None
     maps: dict[int, LayerRouting] = field(default_factory=dict)  # layer index -> maps of that layer
     # Projected reference K/V by layer, kept across the steps of one generation call (inference
     # only: the references do not change between steps). None: compute them in every forward.

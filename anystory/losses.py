@@ -21,6 +21,13 @@ def downsample_instance_masks(masks: torch.Tensor, valid: torch.Tensor, size: tu
     return owner * (coverage >= 0.5).to(coverage.dtype)
 
 
+def instance_routes(masks: torch.Tensor, valid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ground-truth routes at one layer size: one-hot (B, h * w, N + 1) over the subjects and
+    the background (last), as a perfect router would give them."""
+    target = rearrange(downsample_instance_masks(masks, valid, size), "b n h w -> b (h w) n")
+    return torch.cat([target, 1.0 - target.sum(-1, keepdim=True)], dim=-1)
+
+
 def routing_loss(
     routing: dict[int, LayerRouting], masks: torch.Tensor, valid: torch.Tensor, coarse_weight: float = 0.0
 ) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:

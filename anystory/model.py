@@ -4,6 +4,7 @@ training API that `training/` drives, and what the inference pipeline wraps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -156,12 +157,15 @@ class AnyStoryModel(nn.Module):
         gamma: float | None = None,
         subject_attention: bool = True,
         reference_attention: bool = True,
+        given_routes: Callable[[tuple[int, int]], torch.Tensor] | None = None,
     ) -> AnyStoryOutput:
         """Noise prediction of the routed UNet and the routing maps of every layer.
-        `sampling` defaults to Gumbel in training mode and argmax in eval mode."""
+        `sampling` defaults to Gumbel in training mode and argmax in eval mode; `given_routes`
+        replaces the routers (see RoutingContext)."""
         ctx = self.context(refs, noisy_latents.shape[-2:], router=router, sampling=sampling, eta=eta,
                            gamma=gamma, subject_attention=subject_attention,
                            reference_attention=reference_attention)
+        ctx.given_routes = given_routes
         noise_pred = self.unet(
             noisy_latents,
             timesteps,

@@ -117,7 +117,7 @@ def tiny() -> AnyStoryConfig:
         routing_qformer=QFormerConfig(
             input_dim=32, output_dim=32, num_queries=1, width=32, depth=2, heads=2, head_dim=16, ff_mult=2
         ),
-        router=RouterConfig(routing_dim=32, width=16, heads=2),
+        router=RouterConfig(routing_dim=32, width=64, heads=4),  # 16 wide: mIoU 0.22 vs 0.26 (toy chain)
         clip_image_size=32,
         ref_size=64,
         resolution=64,

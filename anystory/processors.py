@@ -95,10 +95,15 @@ class RoutedCrossAttnProcessor(nn.Module):
             gate = route_valid.clone()
             gate[:, -1] = False
             return gate[:, None, :].to(hidden_states.dtype)
+        hw = layer_hw(hidden_states.shape[1], ctx.latent_hw)
+        if ctx.given_routes is not None:
+            given = ctx.given_routes(hw).to(hidden_states.dtype)
+            ctx.maps[self.layer_index] = LayerRouting(hw=hw, probs=given.float(), hard=given, coarse=given.float())
+            return given
         coarse, refined = self.router(refs.routing_features, hidden_states, route_valid)
         hard = hard_routes(refined, ctx.sampling, ctx.tau)
         ctx.maps[self.layer_index] = LayerRouting(
-            hw=layer_hw(hidden_states.shape[1], ctx.latent_hw),
+            hw=hw,
             probs=refined.float().softmax(-1),
             hard=hard,
             coarse=coarse.float().softmax(-1),

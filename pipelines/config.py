@@ -37,6 +37,9 @@ class ToyworldConfig:
     png_fraction: float = 0.1
     empty_fraction: float = 0.05  # images with no subject: the 'nothing found' case
     jpeg_quality: int = 92
+    # "phrase": "a red striped circle" names the whole identity, so a reference adds little to the text;
+    # "label": "a circle", as a caption names "a man": the reference must carry who it is.
+    caption: str = "phrase"
 
 
 @dataclass

@@ -5,7 +5,7 @@ the paper does not report (paper.md Section 8, items 31-34), on held-out shards.
   per resolution, for the refined and the coarse maps, and for trivial baselines (all background,
   uniform random routes);
 - validation diffusion loss with and without the subject condition, and the paper's ablations as
-  numbers: CLIP only / ReferenceNet only / both, router on / off;
+  numbers: CLIP only / ReferenceNet only / both, router on / off, and ground-truth routes (a perfect router);
 - with image models configured (--clip-model, --dino-model): CLIP-I, DINO and CLIP-T per subject on
   generated images, and a blending score (similarity of a subject's crop to the other references)."""
 
@@ -15,6 +15,7 @@ import argparse
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER
 from anystory.export import load_export
-from anystory.losses import routing_iou
+from anystory.losses import instance_routes, routing_iou
 from anystory.model import AnyStoryModel
 from training.conditions import encode_conditions, seeded_noise
 from training.data.datamodule import ShardDataModule
@@ -39,6 +40,7 @@ ABLATIONS = {
     "referencenet_only": dict(router=True, subject_attention=False),
     "router_off": dict(router=False),
     "without_subject": dict(router=True, eta=0.0, reference_attention=False),
+    "ground_truth_routes": dict(router=True),  # the routes of the instance masks: a perfect router
 }
 
 
@@ -94,7 +96,8 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int], se
             ts = torch.full((bs,), t, device=device, dtype=torch.long)
             noisy = scheduler.add_noise(cond.latents, noise, ts)
             for name, switches in ABLATIONS.items():
-                out = model(noisy, ts, cond.embeds, cond.added, refs, sampling="argmax", **switches)
+                given = partial(instance_routes, batch["masks"], batch["valid"]) if name == "ground_truth_routes" else None
+                out = model(noisy, ts, cond.embeds, cond.added, refs, sampling="argmax", given_routes=given, **switches)
                 losses[name].add(F.mse_loss(out.noise_pred.float(), noise.float(), reduction="none").mean((1, 2, 3)))
                 if name != "both":
                     continue
@@ -114,8 +117,12 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int], se
         "timesteps": timesteps,
         "router_miou": {kind: {k: m.value for k, m in sorted(v.items())} for kind, v in miou.items()},
         "val_loss": {"with_subject": loss["both"], "without_subject": loss["without_subject"],
-                     "relative_gain": 1.0 - loss["both"] / loss["without_subject"]},
-        "ablations_val_loss": {k: loss[k] for k in ("both", "clip_only", "referencenet_only", "router_off")},
+                     "relative_gain": 1.0 - loss["both"] / loss["without_subject"],
+                     # what the encoder gives when every position gets its own subject: the gain's
+                     # share that the router's mistakes cost
+                     "relative_gain_with_ground_truth_routes": 1.0 - loss["ground_truth_routes"] / loss["without_subject"]},
+        "ablations_val_loss": {k: loss[k] for k in ("both", "clip_only", "referencenet_only", "router_off",
+                                                    "ground_truth_routes")},
     }
     refined = result["router_miou"]["refined"]["overall"]
     best_trivial = max(result["router_miou"][k]["overall"] for k in ("all_background", "uniform_random"))

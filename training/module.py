@@ -4,7 +4,9 @@ and no router; stage 2 freezes it and trains the router with diffusion + 0.1 x r
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ class AnyStoryModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-2,
         warmup_steps: int = 0,
+        lr_decay: str = "constant",  # or "cosine": to 0 at trainer.max_steps (short runs at a high lr)
         routing_weight: float = 0.1,
         coarse_routing_weight: float = 0.5,  # the coarse map drives the masked attention: supervise it too
         gradient_checkpointing: bool = False,
@@ -189,9 +192,30 @@ class AnyStoryModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(decay: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The lr multiplier per step: linear warm-up, then constant (the paper) or a cosine to 0 at
+    `total_steps` (which a cosine needs: set trainer.max_steps)."""
+    if decay not in ("constant", "cosine"):
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {decay!r}")
+    if decay == "cosine" and total_steps <= warmup_steps:
+        raise ValueError(f"lr_decay=cosine needs trainer.max_steps > warmup_steps ({warmup_steps}), got {total_steps}")
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 class Stage1Module(AnyStoryModule):

@@ -16,11 +16,14 @@ import time
 from pipelines.config import ToyworldConfig, load_data_config
 from pipelines.toyworld.catalogue import catalogue
 from pipelines.toyworld.images import write_images
+from pipelines.toyworld.render import CAPTION_STYLES
 from pipelines.toyworld.videos import write_videos
 
 
 def generate(cfg: ToyworldConfig, out_dir: str | None = None, layout_seed: int | None = None) -> dict:
     """`layout_seed` draws other images and videos of the same identity catalogue (a held-out set)."""
+    if cfg.caption not in CAPTION_STYLES:
+        raise ValueError(f"data.toyworld.caption: {cfg.caption!r} is not one of {CAPTION_STYLES}")
     out = out_dir or cfg.out_dir
     manifest_path = os.path.join(out, "manifest.json")
     layout = cfg.seed if layout_seed is None else layout_seed
@@ -35,9 +38,9 @@ def generate(cfg: ToyworldConfig, out_dir: str | None = None, layout_seed: int |
     start = time.perf_counter()
     cat = catalogue(cfg.num_identities, cfg.seed)
     images = write_images(os.path.join(out, "images"), cat, cfg.num_images, cfg.image_size, cfg.max_subjects,
-                          layout, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction)
+                          layout, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction, cfg.caption)
     videos = write_videos(os.path.join(out, "videos"), cat, cfg.num_videos, cfg.video_size, cfg.video_fps,
-                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, layout)
+                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, layout, cfg.caption)
     manifest = {"config": wanted, "images": images, "videos": videos,
                 "identities": [dataclasses.asdict(i) | {"phrase": i.phrase} for i in cat]}
     with open(manifest_path + ".tmp", "w") as f:

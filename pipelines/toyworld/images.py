@@ -46,7 +46,8 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
 
 
 def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_subjects: int, seed: int,
-                 png_fraction: float, jpeg_quality: int, empty_fraction: float = 0.05) -> dict:
+                 png_fraction: float, jpeg_quality: int, empty_fraction: float = 0.05,
+                 caption_style: str = "phrase") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng([seed, 1])
     coco: dict = {"images": [], "annotations": [],
@@ -61,7 +62,7 @@ def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_sub
         params = {"quality": jpeg_quality} if ext == "jpg" else {}
         Image.fromarray(img).save(os.path.join(out_dir, name), **params)
         coco["images"].append({"id": image_id, "file_name": name, "width": size, "height": size,
-                               "caption": caption([p.identity for p in placements])})
+                               "caption": caption([p.identity for p in placements], caption_style)})
         for p, v, f in zip(placements, visible, full, strict=True):
             ann_id = len(coco["annotations"])
             seg = segmentation(ann_id, p, v, f)

@@ -92,9 +92,15 @@ def compose(bg: np.ndarray, placements: list[Placement], occluder: tuple[float, 
     return img, visible, full
 
 
-def caption(identities: list[Identity]) -> str:
+CAPTION_STYLES = ("phrase", "label")
+
+
+def caption(identities: list[Identity], style: str = "phrase") -> str:
+    """"phrase" names each subject's colour, texture and shape; "label" only its shape."""
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
     if not identities:
         return "a photo of an empty scene"
-    phrases = [f"a {i.phrase}" for i in identities]
+    phrases = [f"a {i.phrase if style == 'phrase' else i.label}" for i in identities]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"a photo of {listed}"

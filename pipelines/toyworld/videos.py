@@ -57,7 +57,7 @@ def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
 
 
 def write_videos(out_dir: str, cat: list[Identity], num: int, size: int, fps: int, seconds: float,
-                 max_subjects: int, cut_fraction: float, seed: int) -> dict:
+                 max_subjects: int, cut_fraction: float, seed: int, caption_style: str = "phrase") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng([seed, 2])
     num_frames = max(2, int(round(fps * seconds)))
@@ -92,7 +92,7 @@ def write_videos(out_dir: str, cat: list[Identity], num: int, size: int, fps: in
         name = f"clip_{vid:04d}"
         write_video(os.path.join(out_dir, name + ".mp4"), frames, fps)
         with open(os.path.join(out_dir, name + ".json"), "w") as f:
-            json.dump({"caption": caption(idents), "fps": fps, "width": size, "height": size,
+            json.dump({"caption": caption(idents, caption_style), "fps": fps, "width": size, "height": size,
                        "num_frames": num_frames, "scene_cuts": [cut] if cut else [],
                        "identities": [i.id for i in idents], "frames": annotations}, f)
     return {"videos": num, "with_cut": cuts, "frames_per_video": num_frames}

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from anystory.losses import instance_routes, routing_iou
 from anystory.model import AnyStoryModel
 from anystory.processors import RoutedCrossAttnProcessor
 from tests.anystory.helpers import make_subjects, unet_inputs
@@ -147,3 +150,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(model, tiny_config):
     assert all(plain[name].abs().sum() > 0 for name in stage2)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_given_routes_replace_the_routers(model, tiny_config):
+    # Ground-truth routes from instance masks: subject 0 on the left half, subject 1 on the top right.
+    inputs = unet_inputs(tiny_config, batch=1)
+    refs = model.encode_references(make_subjects(tiny_config, [[True, True]]))
+    size = tiny_config.resolution
+    masks = torch.zeros(1, 2, size, size)
+    masks[0, 0, :, : size // 2] = 1
+    masks[0, 1, : size // 2, size // 2 :] = 1
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    given = partial(instance_routes, masks, valid)
+    out = model(**inputs, refs=refs, given_routes=given)
+    routed = model(**inputs, refs=refs)
+    for maps in out.routing.values():
+        expected = given(maps.hw)
+        assert torch.equal(maps.hard, expected) and torch.equal(maps.probs, expected)
+        iou, counted = routing_iou(maps.probs, maps.hw, masks, valid)
+        assert counted.all() and torch.equal(iou, torch.ones_like(iou))
+        # Every position has one route; the bottom right quarter is background.
+        h, w = maps.hw
+        grid = expected.argmax(-1).view(h, w)
+        assert (grid[:, : w // 2] == 0).all() and (grid[: h // 2, w // 2 :] == 1).all()
+        assert (grid[h // 2 :, w // 2 :] == 2).all()
+    assert not torch.allclose(out.noise_pred, routed.noise_pred)

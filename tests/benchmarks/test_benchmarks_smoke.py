@@ -55,3 +55,14 @@ def test_gpu_sdxl_cpu_tiny() -> None:
         finite_positive(ms)
     covered = re.search(r"(\d+) / (\d+) stage-1 parameter tensors received a gradient", out)
     assert covered and covered.group(1) == covered.group(2) and int(covered.group(2)) > 0, out
+
+
+def test_loader_quick() -> None:
+    out = run_script("loader.py", "--images", "24", "--batches", "4", "--steps", "2", "--warmup", "2")
+    rates = dict(re.findall(r"^(loader|stage-1 step)\s*:\s*(\S+) samples/s", out, flags=re.MULTILINE))
+    assert sorted(rates) == ["loader", "stage-1 step"], out
+    ratio = re.search(r"^loader / step: (\S+)x\s+\(target >= 5x\)", out, flags=re.MULTILINE)
+    assert ratio, out
+    # The printed ratio is the quotient of the two printed rates.
+    assert abs(finite_positive(ratio.group(1)) - finite_positive(rates["loader"]) / finite_positive(rates["stage-1 step"])) < 0.03 * finite_positive(ratio.group(1)) + 0.01, out
+    assert "batch 4, 2 loader workers" in out, out

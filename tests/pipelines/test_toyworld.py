@@ -7,6 +7,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.config import ToyworldConfig
@@ -75,3 +76,30 @@ def test_videos_decode_and_frames_are_annotated(toy_dir):
                 assert m.sum() == ann["area"]
                 assert ann["identity"] in side["identities"]
     assert 0 < cuts < len(vids)  # some with a scene cut, some without
+
+
+def test_label_captions_name_shapes_only_and_keep_the_scenes(tmp_path, toy_dir):
+    cfg = dict(SMALL_TOYWORLD, num_videos=1)
+    generate(ToyworldConfig(**cfg, out_dir=str(tmp_path / "phrase")))
+    generate(ToyworldConfig(**cfg, out_dir=str(tmp_path / "label"), caption="label"))
+    phrase, label = tree_hashes(str(tmp_path / "phrase")), tree_hashes(str(tmp_path / "label"))
+    # Same pixels; only the caption-bearing JSON differs.
+    assert {k: v for k, v in phrase.items() if not k.endswith(".json")} == \
+        {k: v for k, v in label.items() if not k.endswith(".json")}
+    by_id = {}
+    for style in ("phrase", "label"):
+        coco = json.loads((tmp_path / style / "images" / "annotations.json").read_text())
+        by_id[style] = {im["id"]: im["caption"] for im in coco["images"]}
+        anns = coco["annotations"]
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    colours = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink")
+    for image_id, text in by_id["label"].items():
+        shapes = [cats[a["category_id"]] for a in anns if a["image_id"] == image_id]
+        assert all(f"a {s}" in text for s in shapes), text
+        assert not any(c in text.split() for c in colours), text
+        assert by_id["phrase"][image_id] != text or not shapes
+    clip = json.loads(next((tmp_path / "label" / "videos").glob("*.json")).read_text())
+    assert not any(c in clip["caption"].split() for c in colours)
+    with pytest.raises(ValueError, match="data.toyworld.caption"):
+        generate(ToyworldConfig(**cfg, out_dir=str(tmp_path / "bad"), caption="poem"))
+    assert not (tmp_path / "bad").exists()

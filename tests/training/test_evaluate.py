@@ -52,10 +52,13 @@ def test_eval_json_has_every_metric_and_consistent_baselines(export_dir, shard_d
     assert result["router_miou_margin_over_trivial"] == pytest.approx(miou["refined"]["overall"] - best)
     loss = result["val_loss"]
     assert loss["relative_gain"] == pytest.approx(1 - loss["with_subject"] / loss["without_subject"])
-    assert set(result["ablations_val_loss"]) == {"both", "clip_only", "referencenet_only", "router_off"}
+    assert set(result["ablations_val_loss"]) == {"both", "clip_only", "referencenet_only", "router_off",
+                                                 "ground_truth_routes"}
     assert result["ablations_val_loss"]["both"] == loss["with_subject"]
+    assert loss["relative_gain_with_ground_truth_routes"] == pytest.approx(
+        1 - result["ablations_val_loss"]["ground_truth_routes"] / loss["without_subject"])
     # The switches matter: each ablation gives another loss.
-    assert len({round(v, 9) for v in result["ablations_val_loss"].values()}) == 4
+    assert len({round(v, 9) for v in result["ablations_val_loss"].values()}) == 5
     metrics = result["image_metrics"]
     assert metrics["samples"] == 4 and metrics["clip_t"] is not None
     assert metrics["missing"] is not None
