@@ -81,7 +81,8 @@ def time_steps(config: dict[str, Any], batches: list[dict], warmup: int, steps: 
     from training.module import Stage1Module
 
     args = dict(config["model"]["init_args"])
-    module = Stage1Module(**{**args, "base_dir": None, "init_from": None})
+    # Random weights (the step costs the same) and no lr schedule: there is no Trainer here.
+    module = Stage1Module(**{**args, "base_dir": None, "init_from": None, "lr_decay": "constant"})
     module.configure_model()
     optimizer = module.configure_optimizers()["optimizer"]
     module.train()

@@ -200,11 +200,12 @@ class AnyStoryModule(L.LightningModule):
 
 def lr_factor(decay: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The lr multiplier per step: linear warm-up, then constant (the paper) or a cosine to 0 at
-    `total_steps` (which a cosine needs: set trainer.max_steps)."""
+    `total_steps` (which a cosine needs: set trainer.max_steps; a run shorter than its warm-up
+    never decays)."""
     if decay not in ("constant", "cosine"):
         raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {decay!r}")
-    if decay == "cosine" and total_steps <= warmup_steps:
-        raise ValueError(f"lr_decay=cosine needs trainer.max_steps > warmup_steps ({warmup_steps}), got {total_steps}")
+    if decay == "cosine" and total_steps <= 0:
+        raise ValueError(f"lr_decay=cosine needs trainer.max_steps (> 0), got {total_steps}")
     warmup = max(1, warmup_steps)
 
     def factor(step: int) -> float:
@@ -212,7 +213,7 @@ def lr_factor(decay: str, warmup_steps: int, total_steps: int) -> Callable[[int]
             return (step + 1) / warmup
         if decay == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import lightning as L
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "training" / "configs"
@@ -22,6 +26,16 @@ def fit_args(shards: dict[str, Path], stage: int = 1, max_steps: int = 3, extra:
         "--trainer.enable_progress_bar=false",
     ]
     return args + (extra or [])
+
+
+class PauseEachStep(L.Callback):
+    """Slows a run down so that a test can kill it mid-way whatever the machine's speed."""
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
 
 
 def env() -> dict[str, str]:

@@ -74,6 +74,7 @@ def test_killed_run_resumes_from_last_to_the_same_final_step(shard_dirs, tmp_pat
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {ckpt_dir}, every_n_train_steps: 1, save_last: true, save_top_k: 2,"
         " monitor: step, mode: max, filename: '{step}'}\n"
+        "    - class_path: tests.training.cli.PauseEachStep\n"
     )
     args = fit_args(shard_dirs, stage=1, max_steps=8, extra=["-c", str(callbacks)])
     proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=tmp_path, env=env(),

@@ -28,3 +28,8 @@ def test_schedule_errors_name_the_setting():
         lr_factor("linear", 0, 100)
     with pytest.raises(ValueError, match="max_steps"):
         lr_factor("cosine", 10, -1)  # no trainer.max_steps: a cosine has nowhere to end
+
+
+def test_cosine_run_shorter_than_its_warmup_only_warms_up():
+    f = lr_factor("cosine", warmup_steps=10, total_steps=3)
+    assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
