@@ -125,3 +125,17 @@ def test_each_epoch_draws_a_new_stream(shard_dirs):
                               batches_per_epoch=4, shuffle_buffer=1, sample=SAMPLE)
     resumed.trainer = _Trainer()
     assert [k for b in resumed.train_dataloader() for k in b["key"]] != [k for k, _ in epochs[0]]
+
+
+def test_training_stream_is_the_same_in_a_rerun(shard_dirs):
+    # Two data modules of the same seed, as two runs of one config: the same keys, pixels and drops
+    # in the same order (the shuffle buffer included), over several epochs of persistent workers.
+    def stream(seed: int) -> list[tuple]:
+        dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], batch_size=2, num_workers=2,
+                             batches_per_epoch=4, shuffle_buffer=6, seed=seed, sample=SAMPLE)
+        loader = dm.train_dataloader()
+        return [(k, float(b["pixels"].sum()), b["drop"].tolist()) for _ in range(2) for b in loader for k in b["key"]]
+
+    first = stream(0)
+    assert first == stream(0)
+    assert first != stream(1)

@@ -65,6 +65,22 @@ class RankShare:
 
 
 @dataclass
+class SeededShuffle:
+    """webdataset's shuffle buffer with a seed of this run, rank, worker and pass: its default seed
+    is the pid and the clock, and a rerun would train on another order."""
+
+    bufsize: int
+    initial: int
+    seed: int
+    passes: int = 0
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.passes += 1  # a persistent worker keeps this object: each epoch draws another order
+        rng = random.Random(wds.utils.make_seed(wds.utils.pytorch_worker_seed(), self.passes, self.seed))
+        yield from wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
+
+
+@dataclass
 class DecodeAndBatch:
     """Pipeline stage: raw samples -> collated batches with a `rejected` count per reason."""
 
@@ -132,7 +148,7 @@ class ShardDataModule(L.LightningDataModule):
         if not train:
             stages.append(RankShare())
         if train and self.hparams.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.hparams.shuffle_buffer, initial=min(64, self.hparams.shuffle_buffer)))
+            stages.append(SeededShuffle(self.hparams.shuffle_buffer, min(64, self.hparams.shuffle_buffer), seed))
         batch_size = self.hparams.batch_size if train else (self.hparams.val_batch_size or self.hparams.batch_size)
         stages.append(DecodeAndBatch(DecodeSample(self.sample), batch_size, counter, train, seed))
         return wds.DataPipeline(*stages)
