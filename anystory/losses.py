@@ -42,7 +42,7 @@ def routing_loss(
     targets: dict[tuple[int, int], torch.Tensor] = {}
     for maps in routing.values():
         if maps.hw not in targets:
-            targets[maps.hw] = rearrange(downsample_instance_masks(masks, valid, maps.hw), "b n h w -> b (h w) n")
+            targets[maps.hw] = instance_routes(masks, valid, maps.hw)[..., :-1]
         target = targets[maps.hw]
         n = target.shape[-1]
         err = (maps.probs[..., :n] - target).pow(2).mean(dim=1)  # (B, N)
@@ -60,7 +60,7 @@ def routing_iou(
     """IoU of the argmax routes (probs (B, h * w, N + 1)) against the instance masks downsampled to
     (h, w). Returns the IoU per subject (B, N) and which entries count: valid subjects whose mask
     is not empty at this resolution."""
-    target = rearrange(downsample_instance_masks(masks, valid, hw), "b n h w -> b (h w) n").bool()
+    target = instance_routes(masks, valid, hw)[..., :-1].bool()
     n = target.shape[-1]
     predicted = F.one_hot(probs.argmax(-1), probs.shape[-1])[..., :n].bool()
     inter = (predicted & target).sum(1).float()

@@ -33,19 +33,13 @@ from training.data.sample import SampleConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_shards(root: Path, images: int) -> list[str]:
-    """Toy-world images at the params.yaml settings, sharded by the local (single-process) runner."""
-    from pipelines.build import run_build
-    from pipelines.config import ToyworldConfig, parse_data_config
-    from pipelines.toyworld.generate import generate
+def make_shards(root: Path, images: int, size: int = 128, per_shard: int = 32) -> list[str]:
+    """Toy-world images sharded by the local (single-process) runner, as the build benchmark makes them."""
+    from build_shards import data_config, make_toyworld, run_build
 
-    data = yaml.safe_load((REPO / "params.yaml").read_text())["data"]
-    toy = root / "toyworld"
-    generate(ToyworldConfig(**{**data["toyworld"], "out_dir": str(toy), "num_images": images, "num_videos": 0}))
-    data["sources"] = {"unpaired": [{"type": "coco", "name": "toyworld", "images": f"{toy}/images",
-                                     "annotations": f"{toy}/images/annotations.json"}], "paired": []}
-    run_build(parse_data_config(data), "unpaired", str(root / "shards"), runner="local")
-    return [str(root / "shards" / "unpaired")]
+    out = root / "shards"
+    run_build(data_config(make_toyworld(root, images, size), out, per_shard), "unpaired", str(out), runner="local")
+    return [str(out / "unpaired")]
 
 
 def data_module(config: dict[str, Any], shards: list[str], workers: int | None, epoch_batches: int) -> ShardDataModule:
@@ -109,10 +103,12 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "training/configs/tiny_stage1.yaml"))
     ap.add_argument("--batches", type=int, default=60, help="timed loader batches")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed loader batches (>= 1); they feed the steps")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     args = ap.parse_args()
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1: the timed steps run on the warm-up batches")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = yaml.safe_load(Path(args.config).read_text())
