@@ -1,11 +1,10 @@
 """Instance-mask codecs and geometry: COCO RLE / polygons, PNG bytes, boxes, IoU.
 
-Masks in memory are HxW bool arrays; on disk (shards) they are L-mode PNGs with values 0/255.
+Masks in memory are HxW bool arrays; their shard encoding is pipelines/shards/contract.py's.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -101,20 +100,6 @@ def segmentation_to_mask(segmentation: object, height: int, width: int) -> np.nd
     if isinstance(segmentation, list):
         return polygons_to_mask(segmentation, height, width)
     raise ValueError(f"unsupported segmentation type {type(segmentation).__name__}")
-
-
-# ---- PNG bytes --------------------------------------------------------------------------------
-
-
-def mask_to_png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_to_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")) > 127
 
 
 # ---- geometry ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.batch import Batch, num_rows
+from pipelines.shards.contract import sample_key
 from pipelines.shards.storage import ShardStore
 
 
@@ -66,7 +67,7 @@ class WriteShard:
             with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for sample_members in (rows.get("members") or []):
                     for members in sample_members or []:
-                        key = f"{source}-{shard:06d}-{len(keys):06d}"
+                        key = sample_key(source, shard, len(keys))
                         keys.append(key)
                         for ext, data in sorted(members.items()):
                             add_member(tar, f"{key}.{ext}", data)

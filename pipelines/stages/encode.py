@@ -1,8 +1,9 @@
 """Stage 6a: sample rows -> webdataset members (bytes), in the shard contract's layout.
 
-Members per sample: `jpg` or `png` (target), `json`, and per subject i `sub{i}.mask.png`,
-`sub{i}.ref.png`, `sub{i}.refmask.png`. Keys are given by the writer. Adds `members` to each input
-row: a list of member dicts (one per sample; a video row can carry several).
+Members per sample (pipelines/shards/contract.py): `jpg` or `png` (target), `json`, and the subjects
+stacked in `masks.png`, `refs.png`, `refmasks.png`, the same names whatever the subject count. Keys
+are given by the writer. Adds `members` to each input row: a list of member dicts (one per sample; a
+video row can carry several).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 
 from pipelines.batch import Batch, ensure_column, live_rows
 from pipelines.config import PIPELINE_VERSION, ShardsConfig
-from pipelines.masks import mask_to_png
+from pipelines.shards.contract import JSON, encode_subject_members
 
 SUBJECT_META = ("label", "bbox", "score", "area_frac", "ref_from", "identity", "ref_identity", "match_score",
                 "mask_iou")
@@ -50,21 +51,21 @@ def sample_members(sample: dict[str, Any], source: str, kind: str, params_hash: 
         members["jpg"] = sample["passthrough"]  # a plain RGB JPEG: keep the original bytes, no re-encode loss
     else:
         members[cfg.image_format] = encode_rgb(image, cfg.image_format, cfg.jpeg_quality)
-    subjects = []
-    for i, s in enumerate(sample["subjects"]):
-        subjects.append({k: _round(s[k]) for k in SUBJECT_META if k in s})
-        members[f"sub{i}.mask.png"] = mask_to_png(s["mask"])
-        members[f"sub{i}.ref.png"] = encode_rgb(s["ref"], "png", 0)
-        members[f"sub{i}.refmask.png"] = mask_to_png(s["refmask"])
+    stacked, tiles = encode_subject_members([s["mask"] for s in sample["subjects"]],
+                                            [s["ref"] for s in sample["subjects"]],
+                                            [s["refmask"] for s in sample["subjects"]])
+    members.update(stacked)
+    subjects = [{**{k: _round(s[k]) for k in SUBJECT_META if k in s}, "ref_tile": tile}
+                for s, tile in zip(sample["subjects"], tiles, strict=True)]
     meta = {
         "caption": sample["caption"], "width": w, "height": h, "source": source, "source_id": sample["source_id"],
-        "kind": kind, "subjects": subjects,
+        "kind": kind, "num_subjects": len(subjects), "subjects": subjects,
         "quality": {"min_score": _round(min(s["score"] for s in sample["subjects"])),
                     "min_area_frac": _round(min(s.get("area_frac", 0.0) for s in sample["subjects"]))},
         "pipeline_version": PIPELINE_VERSION, "params_hash": params_hash,
     }
     meta.update({k: sample[k] for k in PAIR_META if k in sample})
-    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    members[JSON] = json.dumps(meta, sort_keys=True).encode()
     return members
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from pipelines.shards.contract import decode_subjects
 from tests.pipelines.helpers import read_samples, read_stats, toy_params, write_params
 from tests.pipelines.processes import REPO, child_env
 
@@ -75,6 +76,7 @@ def test_auto_annotation_build_end_to_end(tmp_path, toy_dir):
     for s in samples:
         meta = json.loads(s["json"])
         assert meta["subjects"] and all(sub["score"] > model["box_threshold"] for sub in meta["subjects"])
-        for i, sub in enumerate(meta["subjects"]):
+        decoded = decode_subjects(s, meta)
+        assert len(decoded.refs) == len(meta["subjects"]) and decoded.masks.any(axis=(1, 2)).all()
+        for sub in meta["subjects"]:
             assert sub["label"] in meta["caption"]  # a noun phrase of the caption
-            assert f"sub{i}.mask.png" in s and f"sub{i}.ref.png" in s

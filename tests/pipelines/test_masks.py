@@ -6,8 +6,6 @@ import pytest
 from pipelines.masks import (
     mask_bbox,
     mask_iou,
-    mask_to_png,
-    png_to_mask,
     polygons_to_mask,
     rle_decode,
     rle_encode,
@@ -59,18 +57,6 @@ def test_polygon_and_bbox():
     assert mask_bbox(m) == [2.0, 2.0, 10.0, 7.0]
     assert m.sum() == 8 * 5
     assert mask_bbox(np.zeros((4, 4), bool)) is None
-
-
-def test_png_roundtrip_is_l_0_255():
-    import io
-
-    from PIL import Image
-
-    m = random_mask(np.random.default_rng(2))
-    data = mask_to_png(m)
-    im = Image.open(io.BytesIO(data))
-    assert im.mode == "L" and set(np.unique(np.asarray(im))) <= {0, 255}
-    np.testing.assert_array_equal(png_to_mask(data), m)
 
 
 def test_iou():

@@ -1,28 +1,24 @@
-"""Contract shards for the training tests, written with webdataset's own TarWriter: squares and
-discs of distinct colours on noise, with exact masks and references cut from the target."""
+"""Contract shards for the training tests: squares of distinct colours on noise, with exact masks and
+references cut from the target, encoded by the pipeline's own encoder (pipelines/stages/encode.py,
+which follows pipelines/shards/contract.py) and written with webdataset's TarWriter."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+
+from pipelines.config import ShardsConfig
+from pipelines.shards.contract import sample_key
+from pipelines.stages.encode import sample_members
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 40)]
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _sample(rng: np.random.Generator, size: int, n: int) -> dict[str, bytes]:
     image = rng.integers(90, 160, (size, size, 3), dtype=np.uint8)
-    members: dict[str, bytes] = {}
     subjects = []
     side = size // 3
     corners = [(2, 2), (2, size - side - 2), (size - side - 2, 2), (size - side - 2, size - side - 2)]
@@ -31,20 +27,15 @@ def _sample(rng: np.random.Generator, size: int, n: int) -> dict[str, bytes]:
         mask = np.zeros((size, size), dtype=bool)
         mask[top : top + side, left : left + side] = True
         image[mask] = COLOURS[i]
-        members[f"sub{i}.mask.png"] = _png(mask.astype(np.uint8) * 255)
         subjects.append({"label": f"thing{i}", "bbox": [left, top, left + side, top + side], "score": 1.0,
-                         "area_frac": float(mask.mean()), "ref_from": "target", "identity": i})
-    for i in range(n):
-        top, left = corners[i]
-        ref = image[top - 2 : top + side + 2, left - 2 : left + side + 2].copy()
-        refmask = np.zeros(ref.shape[:2], dtype=np.uint8)
-        refmask[2:-2, 2:-2] = 255
-        members[f"sub{i}.ref.png"] = _png(ref)
-        members[f"sub{i}.refmask.png"] = _png(refmask)
-    members["png"] = _png(image)
-    members["json"] = json.dumps({"caption": "things on noise", "width": size, "height": size, "source": "test",
-                                  "source_id": "x", "kind": "unpaired", "subjects": subjects}).encode()
-    return members
+                         "area_frac": float(mask.mean()), "ref_from": "self", "identity": i, "mask": mask})
+    for s, (top, left) in zip(subjects, corners, strict=False):
+        s["ref"] = image[top - 2 : top + side + 2, left - 2 : left + side + 2].copy()
+        s["refmask"] = np.zeros(s["ref"].shape[:2], dtype=bool)
+        s["refmask"][2:-2, 2:-2] = True
+    sample = {"image": image, "caption": "things on noise", "subjects": subjects, "source_id": "x",
+              "passthrough": None}
+    return sample_members(sample, "test", "unpaired", "test", ShardsConfig(image_format="png"))
 
 
 def write_shards(folder: Path, shards: int = 2, per_shard: int = 6, size: int = 64, seed: int = 0,
@@ -59,7 +50,7 @@ def write_shards(folder: Path, shards: int = 2, per_shard: int = 6, size: int = 
                 members = _sample(rng, size, n=1 + (index % 3))
                 if index < corrupt:
                     members["png"] = b"not an image"
-                sink.write({"__key__": f"test-{shard:06d}-{index:06d}", **members})
+                sink.write({"__key__": sample_key("test", shard, index), **members})
         stats = {"inputs": per_shard, "written": per_shard, "rejected": {}}
         (folder / f"{shard:06d}.stats.json").write_text(json.dumps(stats))
     return folder

@@ -48,18 +48,18 @@ def test_two_stages_export_and_generate(shard_dirs, tmp_path):
 
     image, maps = tmp_path / "gen.png", tmp_path / "maps.png"
     ref = shard_dirs["val"]
-    import io
-    import tarfile
+    import json
 
+    import webdataset as wds
     from PIL import Image
-    with tarfile.open(ref / "000000.tar") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    key = "test-000000-000001"  # two subjects
+
+    from pipelines.shards.contract import decode_subjects
+    sample = list(wds.WebDataset(str(ref / "000000.tar"), shardshuffle=False))[1]  # two subjects
+    decoded = decode_subjects(sample, json.loads(sample["json"]))
     subjects = []
     for i in range(2):
-        for suffix in ("ref", "refmask"):
-            path = tmp_path / f"s{i}.{suffix}.png"
-            Image.open(io.BytesIO(members[f"{key}.sub{i}.{suffix}.png"])).save(path)
+        Image.fromarray(decoded.refs[i]).save(tmp_path / f"s{i}.ref.png")
+        Image.fromarray(decoded.ref_masks[i]).convert("L").save(tmp_path / f"s{i}.refmask.png")
         subjects += ["--subject", f"{tmp_path / f's{i}.ref.png'},{tmp_path / f's{i}.refmask.png'}"]
     run(["generate", "--checkpoint", str(export2), "--prompt", "things on noise", *subjects, "--out", str(image),
          "--routing-maps", str(maps), "--steps", "3"], tmp_path, module="anystory.cli")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from anystory.preprocess import reference_tensors
+from pipelines.shards.contract import JSON, ContractError, decode_subjects, target_member
 from training.data.augment import AugmentConfig, augment_reference, pad_to_square
 
 
@@ -43,13 +44,6 @@ def _image(data: bytes, mode: str, name: str) -> np.ndarray:
         raise SampleError(f"undecodable {name}") from err
 
 
-def _target(sample: dict[str, Any]) -> tuple[str, bytes]:
-    for ext in ("jpg", "png", "jpeg"):
-        if ext in sample:
-            return ext, sample[ext]
-    raise SampleError("no target image")
-
-
 class DecodeSample:
     """Callable on a raw webdataset sample (member name -> bytes); raises SampleError."""
 
@@ -59,14 +53,16 @@ class DecodeSample:
     def __call__(self, sample: dict[str, Any], rng: random.Random, train: bool = True) -> dict[str, Any]:
         cfg = self.config
         try:
-            meta = json.loads(sample["json"])
+            meta = json.loads(sample[JSON])
         except (KeyError, ValueError) as err:
             raise SampleError("missing or invalid json") from err
-        ext, data = _target(sample)
-        target = _image(data, "RGB", ext)
-        subjects = list(range(len(meta.get("subjects", []))))
-        if not subjects:
-            raise SampleError("no subjects")
+        try:
+            ext, data = target_member(sample)
+            target = _image(data, "RGB", ext)
+            decoded = decode_subjects(sample, meta)
+        except ContractError as err:
+            raise SampleError(str(err)) from err
+        subjects = list(range(len(decoded.refs)))
         if train and cfg.shuffle_subjects:
             rng.shuffle(subjects)
         subjects = subjects[: cfg.max_subjects]
@@ -90,14 +86,12 @@ class DecodeSample:
         valid = torch.zeros(s, dtype=torch.bool)
         np_rng = np.random.default_rng(rng.getrandbits(64))
         for slot, i in enumerate(subjects):
-            mask = _image(sample.get(f"sub{i}.mask.png", b""), "L", f"sub{i}.mask.png") > 127
-            if mask.shape != (h, w):
-                raise SampleError(f"sub{i}.mask.png size differs from the target")
-            masks[slot] = fit(Image.fromarray(mask.astype(np.uint8) * 255), Image.BILINEAR) / 255.0
-            ref = _image(sample.get(f"sub{i}.ref.png", b""), "RGB", f"sub{i}.ref.png")
-            ref_mask = _image(sample.get(f"sub{i}.refmask.png", b""), "L", f"sub{i}.refmask.png") > 127
-            if ref_mask.shape != ref.shape[:2] or not ref_mask.any():
-                raise SampleError(f"sub{i}: empty or misshapen reference mask")
+            if decoded.masks.shape[1:] != (h, w):
+                raise SampleError("masks differ in size from the target")
+            masks[slot] = fit(Image.fromarray(decoded.masks[i].astype(np.uint8) * 255), Image.BILINEAR) / 255.0
+            ref, ref_mask = decoded.refs[i], decoded.ref_masks[i]
+            if not ref_mask.any():
+                raise SampleError(f"subject {i}: empty reference mask")
             if train and cfg.augment is not None:
                 ref, ref_mask = augment_reference(ref, ref_mask, cfg.augment, np_rng)
             ref, ref_mask = pad_to_square(ref, ref_mask)
