@@ -17,8 +17,9 @@ import numpy as np
 
 from pipelines.config import PIPELINE_VERSION, ConfigError, DataConfig, params_hash
 from pipelines.runner import Group, make_groups, run_local
-from pipelines.shards.storage import ShardStore
+from pipelines.shards.storage import ShardStore, shard_files
 from pipelines.sources import build_source
+from pipelines.sources.base import SourceError
 
 
 def _local_files(units: Any) -> list[str]:
@@ -46,7 +47,12 @@ def plan_shards(cfg: DataConfig, kind: str) -> list[dict[str, Any]]:
     h = params_hash(cfg, kind)
     specs = []
     for i, source_cfg in enumerate(getattr(cfg.sources, kind)):
-        planned = build_source(source_cfg).plan(per_shard)
+        try:
+            planned = build_source(source_cfg).plan(per_shard)
+        except SourceError as err:
+            raise ConfigError(f"data.sources.{kind}[{i}].{err}") from err
+        except OSError as err:  # unreadable input listings: still the user's to fix, one line
+            raise ConfigError(f"data.sources.{kind}[{i}] ({source_cfg.name!r}): {err}") from err
         if not planned:
             # An empty source is a mistake (a typo, an unmounted disk), never a reason to delete shards.
             raise ConfigError(f"data.sources.{kind}[{i}] ({source_cfg.name!r}) found no inputs")
@@ -58,6 +64,14 @@ def plan_shards(cfg: DataConfig, kind: str) -> list[dict[str, Any]]:
     return specs
 
 
+class BuildError(Exception):
+    """A build refused before publishing: it would lose published samples or a source gave nothing."""
+
+    def __init__(self, message: str, failed_source: str | None = None):
+        super().__init__(message)
+        self.failed_source = failed_source  # the source all of whose inputs failed, if that is the cause
+
+
 @dataclass
 class BuildResult:
     kind: str
@@ -66,7 +80,9 @@ class BuildResult:
     skipped: int
     stats: list[dict[str, Any]] = field(default_factory=list)  # shards written by this run
     wall_s: float = 0.0
-    removed: list[str] = field(default_factory=list)
+    removed: list[tuple[str, str]] = field(default_factory=list)  # published files removed, and why
+    replaced: list[tuple[int, int, int]] = field(default_factory=list)  # (shard, samples before, after)
+    cleaned: list[str] = field(default_factory=list)  # temporary files of a killed run
 
     def totals(self) -> dict[str, Any]:
         rejected, dropped = Counter(), Counter()
@@ -132,26 +148,78 @@ def _is_fresh(stats: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
                                                                         "units_sha256"))
 
 
+def _by_source(stats: Any) -> dict[str, Counter]:
+    """inputs / written / samples and rejections per source, over shard stats."""
+    out: dict[str, Counter] = {}
+    for st in stats:
+        c = out.setdefault(st["source"], Counter())
+        c.update(inputs=st["inputs"], written=st["written"], samples=st["samples"])
+        c.update({f"rejected:{k}": v for k, v in st["rejected"].items()})
+    return out
+
+
+def _source_path(cfg: DataConfig, kind: str, name: str) -> str:
+    i = next(i for i, s in enumerate(getattr(cfg.sources, kind)) if s.name == name)
+    return f"data.sources.{kind}[{i}] ({name!r})"
+
+
+def check_outcome(cfg: DataConfig, kind: str, specs: list[dict[str, Any]], new: dict[int, dict[str, Any]],
+                  published: dict[int, dict[str, Any]], prune: bool) -> None:
+    """Refuse (BuildError) a build whose outcome a user cannot have meant: a source all of whose inputs
+    failed, or, without `prune`, fewer published samples of a source than before."""
+    after = _by_source(new.values())
+    for src, c in after.items():
+        if c["inputs"] and not c["written"]:
+            reasons = ", ".join(f"{k.split(':', 1)[1]}={v}" for k, v in sorted(c.items()) if k.startswith("rejected:"))
+            raise BuildError(f"{_source_path(cfg, kind, src)}: all {c['inputs']} inputs failed ({reasons}); "
+                             "nothing published was changed", failed_source=src)
+    if prune:
+        return
+    before = _by_source(published.values())
+    planned = {s["shard"] for s in specs}
+    for src, c in sorted(before.items()):
+        if after.get(src, Counter())["samples"] < c["samples"]:
+            gone = [f"{n:06d}" for n, st in sorted(published.items()) if st["source"] == src and n not in planned]
+            raise BuildError(
+                f"{kind} source {src!r}: this build would publish {after.get(src, Counter())['samples']} samples"
+                f" where {c['samples']} are published" + (f" (shards {', '.join(gone)} would go)" if gone else "")
+                + "; nothing published was changed; rerun with --prune to accept")
+
+
 def run_build(cfg: DataConfig, kind: str, out_url: str, runner: str = "ray",
-              start_ray: Callable[[], None] | None = None) -> BuildResult:
-    """Build the pending shards of `kind`. `start_ray` runs only if there is work for Ray to do."""
+              start_ray: Callable[[], None] | None = None, prune: bool = False,
+              specs: list[dict[str, Any]] | None = None) -> BuildResult:
+    """Build the pending shards of `kind`. `start_ray` runs only if there is work for Ray to do.
+
+    A pending shard that would replace a published one is built in staging; only when every shard
+    of the kind is built and the outcome checked (check_outcome) are staged shards moved into place
+    and the shards the plan no longer has removed. A refused build (BuildError) changes no published
+    shard; its staged shards stay for the next run to reuse.
+    """
     start = time.perf_counter()
     out = posixpath.join(out_url.rstrip("/"), kind)
+    specs = plan_shards(cfg, kind) if specs is None else specs  # plan errors stop us before any write
     store = ShardStore(out)
+    staging = store.staging()
+    published, staged = store.done(), staging.done()
+    final: dict[int, dict[str, Any]] = {}  # the stats each planned shard will have
+    from_staging: set[int] = set()  # planned shards that replace published ones, built in staging
+    pending = []
+    for s in specs:
+        n = s["shard"]
+        if _is_fresh(published.get(n), s):
+            final[n] = published[n]
+            continue
+        s = dict(s, staged=n in published or n in staged)
+        if s["staged"]:
+            from_staging.add(n)
+        if s["staged"] and _is_fresh(staged.get(n), s):
+            final[n] = staged[n]  # built by an earlier run that was refused or killed before publishing
+        else:
+            pending.append(s)
     store.makedirs()
-    specs = plan_shards(cfg, kind)
-    done = store.done()
-    pending = [s for s in specs if not _is_fresh(done.get(s["shard"]), s)]
-    removed = store.clean_temps({s["shard"] for s in pending})
-    # A stale shard stops counting as done before its new tar is published: stats first.
-    for s in pending:
-        if s["shard"] in done:
-            store.remove(f"{s['shard']:06d}.stats.json")
-    # Published shards the current plan does not have (fewer inputs than before): not ours any more.
-    for n in sorted(set(done) - {s["shard"] for s in specs}):
-        for name in (f"{n:06d}.stats.json", f"{n:06d}.tar"):  # stats first: a shard is never half-present
-            store.remove(name)
-            removed.append(name)
+    cleaned = store.clean_temps({s["shard"] for s in pending if not s["staged"]})
+    cleaned += staging.clean_temps({s["shard"] for s in pending if s["staged"]})
     groups = make_groups(cfg, kind, out)
     payloads = [{"spec": s, "rows": None, "timings": {}} for s in pending]
     if not payloads:
@@ -163,4 +231,32 @@ def run_build(cfg: DataConfig, kind: str, out_url: str, runner: str = "ray",
             start_ray()
         stats = _run_ray(payloads, groups)
     stats.sort(key=lambda s: s["shard"])
-    return BuildResult(kind, out, len(specs), len(specs) - len(pending), stats, time.perf_counter() - start, removed)
+    final.update((st["shard"], st) for st in stats)
+    try:
+        check_outcome(cfg, kind, specs, final, published, prune)
+    except BuildError as err:
+        # Shards this run wrote where nothing was published, for a source whose every input failed,
+        # hold nothing anyone had: take them back, so the output is as the build found it.
+        for st in stats:
+            if st["source"] == err.failed_source and st["shard"] not in from_staging:
+                for name in shard_files(st["shard"]):
+                    store.remove(name)
+        raise
+    replaced, removed = [], []
+    for n in sorted(from_staging):
+        store.move_shard_from(staging, n)
+        if n in published:
+            replaced.append((n, published[n]["samples"], final[n]["samples"]))
+    shards_of = Counter(st["source"] for st in final.values())
+    for n in sorted(set(published) - set(final)):
+        src = published[n]["source"]
+        why = (f"source {src!r} now has {shards_of[src]} shard(s)" if src in shards_of
+               else f"source {src!r} is no longer configured")
+        for name in shard_files(n):
+            if store.exists(name):
+                store.remove(name)
+                removed.append((name, f"not in the plan any more: {why}"))
+    if staging.fs.exists(staging.root):  # what is left there is stale: other plans' shards
+        staging.fs.rm(staging.root, recursive=True)
+    return BuildResult(kind, out, len(specs), len(specs) - len(pending), stats, time.perf_counter() - start,
+                       removed, replaced, cleaned)

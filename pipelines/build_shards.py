@@ -3,8 +3,13 @@
     python pipelines/build_shards.py --params params.yaml [--kind unpaired|paired|all] [--out PATH_OR_URL]
     ray job submit --address http://HEAD:8265 --working-dir . -- python pipelines/build_shards.py ...
 
-Attaches to the Ray cluster named by RAY_ADDRESS (set by `ray job submit`), else starts a local one.
-A rerun skips shards whose stats file exists and redoes the rest.
+Ray: `--address` (or RAY_ADDRESS, which `ray job submit` sets) attaches to that cluster; otherwise the
+script starts a private local instance (`data.ray.num_cpus` CPUs), even when another Ray runs here.
+A rerun skips shards whose stats file exists and redoes the rest. A rebuild that would publish fewer
+samples of a source than are published is refused unless `--prune` is given.
+
+Exit codes: 0 built; 2 a params or input error, found before any work (one line on stderr);
+1 a build refused after its shards were built (one line; nothing published was changed).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import sys
 
 import yaml
 
-from pipelines.build import run_build
-from pipelines.config import KINDS, load_data_config
+from pipelines.build import BuildError, plan_shards, run_build
+from pipelines.config import KINDS, ConfigError, DataConfig, load_data_config
 from pipelines.summary import format_summary
+
+EXIT_REFUSED, EXIT_USER_ERROR = 1, 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,44 +34,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="output root, a path or fsspec URL (default: data.out_dir)")
     ap.add_argument("--runner", choices=["ray", "local"], default="ray",
                     help="local: the same stages in this one process, without Ray (debugging)")
+    ap.add_argument("--address", default=None,
+                    help="Ray cluster to attach to (default: RAY_ADDRESS; neither: a private local instance)")
+    ap.add_argument("--prune", action="store_true",
+                    help="accept a rebuild that publishes fewer samples of a source (removed shards are listed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                     help="override a params key, e.g. --set data.filter.min_score=0.5")
     return ap.parse_args(argv)
 
 
-def init_ray(num_cpus: int | None) -> None:
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("data."):
+            raise ConfigError(f"--set {item!r}: expected data.<key>=<value>")
+        try:
+            overrides[key[len("data."):]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({str(err).splitlines()[0]})") from err
+    return overrides
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Attach to the cluster at `address`, or start a private local instance.
+
+    A private instance is asked for explicitly (`address="local"`): a bare `ray.init()` would attach
+    to whatever cluster `ray start` last left on this machine, and then fail on `num_cpus`.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    if address:
+        if num_cpus is not None:
+            # An attached cluster has the size it was started with; ray.init refuses num_cpus there.
+            print(f"warning: data.ray.num_cpus={num_cpus} ignored: attaching to the Ray cluster at {address}",
+                  file=sys.stderr, flush=True)
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("data."):
-            raise SystemExit(f"--set {item!r}: expected data.<key>=<value>")
-        overrides[key[len("data."):]] = yaml.safe_load(value)
-    cfg = load_data_config(args.params, overrides)  # every error in params stops us here, before any work
+def check_auto(cfg: DataConfig) -> None:
     if cfg.annotate.mode == "auto":
         from pipelines.stages.auto import build_auto_config
 
         build_auto_config(cfg.annotate.auto.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_data_config(args.params, parse_overrides(args.set))
+        check_auto(cfg)
+        kinds = [k for k in (list(KINDS) if args.kind == "all" else [args.kind]) if getattr(cfg.sources, k)]
+        if not kinds:
+            raise ConfigError(f"data.sources: no sources configured for --kind {args.kind}")
+        # Every kind is planned before any is built: an input error of the second stops the first too.
+        plans = {kind: plan_shards(cfg, kind) for kind in kinds}
+    except ConfigError as err:  # the user's to fix: one line, no traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     out = args.out or cfg.out_dir
-    kinds = list(KINDS) if args.kind == "all" else [args.kind]
-    kinds = [k for k in kinds if getattr(cfg.sources, k)]
-    if not kinds:
-        raise SystemExit(f"no sources configured for --kind {args.kind} (data.sources)")
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
     print(f"building {', '.join(kinds)} shards into {out}", flush=True)
-    # Ray starts only when some shard is pending: a rerun of a finished build returns at once.
-    results = [run_build(cfg, kind, out, args.runner, start_ray=lambda: init_ray(cfg.ray.num_cpus))
-               for kind in kinds]
+    results = []
+    try:
+        for kind in kinds:
+            # Ray starts only when some shard is pending: a rerun of a finished build returns at once.
+            results.append(run_build(cfg, kind, out, args.runner, lambda: init_ray(address, cfg.ray.num_cpus),
+                                     prune=args.prune, specs=plans[kind]))
+    except BuildError as err:
+        if results:
+            print(format_summary(results), flush=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     print(format_summary(results), flush=True)
     return 0
 

@@ -189,16 +189,23 @@ def _positive(path: str, **values: int) -> None:
 
 def load_data_config(params_path: str, overrides: dict[str, Any] | None = None) -> DataConfig:
     """Read params.yaml, apply `a.b.c: value` overrides, and validate the `data` section."""
-    with open(params_path) as f:
-        params = yaml.safe_load(f) or {}
-    if "data" not in params:
-        raise ConfigError(f"{params_path}: no `data` section")
+    try:
+        with open(params_path) as f:
+            params = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"--params: {params_path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--params: {params_path} is not valid YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(params, dict) or "data" not in params:
+        raise ConfigError(f"--params: {params_path} has no `data` section")
     data = params["data"]
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parents):
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ConfigError(f"data.{'.'.join(parents[: depth + 1])}: not a mapping, cannot set data.{dotted}")
         node[leaf] = value
     return parse_data_config(data)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.batch import Batch, from_rows
+from pipelines.batch import Batch, ensure_column, from_rows, reject
 from pipelines.config import DataConfig
 from pipelines.shards.writer import WriteShard
 from pipelines.sources import build_source
@@ -42,16 +42,32 @@ class ReadShard:
 
 @dataclass
 class OnFrames:
-    """Run an image stage on every sampled frame of the video rows, then fold results back."""
+    """Run an image stage on every sampled frame of the video rows, then fold results back.
+
+    `video_reasons`: rejections whose cause is the video's, not its frames' (`no_labels`: the video
+    has no caption or labels to prompt with). A video whose every frame got one of them is rejected
+    for it, rather than later for what follows from it (`no_subjects`).
+    """
 
     stage: Any
     columns: tuple[str, ...] = ("subjects", "dropped")
+    video_reasons: tuple[str, ...] = ()
 
     def __call__(self, batch: Batch) -> Batch:
         images, where = frames_to_images(batch)
         if where:
             images = self.stage(images)
-        return images_to_frames(batch, images, where, self.columns)
+        batch = images_to_frames(batch, images, where, self.columns)
+        details = images.get("reject_detail") or [None] * len(where)
+        first: dict[int, int] = {}  # video row -> its first frame's image row
+        for i, (v, _) in enumerate(where):
+            first.setdefault(v, i)
+        for v, i in first.items():
+            reasons = set(batch["frame_rejects"][v])
+            if len(reasons) == 1 and (reason := reasons.pop()) in self.video_reasons:
+                reject(batch, v, reason)
+                ensure_column(batch, "reject_detail")[v] = details[i]
+        return batch
 
 
 @dataclass
@@ -76,8 +92,10 @@ class Group:
             "scenes": lambda: DetectScenes(cfg.video),
             "dedupe": lambda: DropDuplicates(cfg.filter.dedupe),
             "annotate_given": lambda: OnFrames(AnnotateGiven()) if video else AnnotateGiven(),
-            "annotate_auto": lambda: (OnFrames if video else (lambda s: s))(
-                AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size)),
+            "annotate_auto": lambda: (
+                OnFrames(AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size),
+                         video_reasons=("no_labels",)) if video
+                else AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size)),
             "filter": lambda: OnFrames(FilterSubjects(cfg.filter)) if video else FilterSubjects(cfg.filter),
             "refs": lambda: CutReferences(cfg.refs),
             "pairs": lambda: MakePairs(cfg.video, cfg.refs),

@@ -1,4 +1,5 @@
-"""Stage 6b: write one shard: keys, the tar (temp name, then renamed), then its stats file."""
+"""Stage 6b: write one shard: keys, the tar (temp name, then renamed), its per-input status table, then
+its stats file (which marks the shard done). A shard that replaces a published one goes to staging."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from pipelines.batch import Batch, num_rows
 from pipelines.shards.contract import sample_key
+from pipelines.shards.status import status_rows, to_parquet
 from pipelines.shards.storage import ShardStore
 
 
@@ -57,18 +59,23 @@ class WriteShard:
 
     def __call__(self, spec: dict[str, Any], rows: Batch, timings: dict[str, float]) -> dict[str, Any]:
         store = ShardStore(self.out_url)
+        if spec.get("staged"):
+            store = store.staging()
         shard, source = spec["shard"], spec["source"]
         keys, hashes = [], {}
+        row_keys: list[list[str]] = []  # the keys of each input row, for the status table
         f, tmp = store.open_temp(shard, "tar")
         with f:
             hw = _HashingWriter(f)
             # webdataset layout: `<key>.<ext>` members, a sample's members contiguous (stdlib tarfile:
             # importing webdataset would pull torch into every worker).
             with tarfile.open(fileobj=hw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for sample_members in (rows.get("members") or []):
+                for sample_members in (rows.get("members") or [None] * num_rows(rows)):
+                    row_keys.append([])
                     for members in sample_members or []:
                         key = sample_key(source, shard, len(keys))
                         keys.append(key)
+                        row_keys[-1].append(key)
                         for ext, data in sorted(members.items()):
                             add_member(tar, f"{key}.{ext}", data)
                             hashes[f"{key}.{ext}"] = hashlib.sha256(data).hexdigest()
@@ -77,5 +84,6 @@ class WriteShard:
                  "pipeline_version": spec["pipeline_version"], "units_sha256": spec.get("units_sha256"), **shard_stats(rows), "samples": len(keys),
                  "tar_sha256": hw.sha.hexdigest(), "tar_bytes": hw.size, "member_sha256": hashes,
                  "timings_s": {k: round(v, 4) for k, v in timings.items()}}
+        store.write_bytes(shard, f"{shard:06d}.status.parquet", to_parquet(status_rows(rows, source, row_keys)))
         store.write_json(shard, f"{shard:06d}.stats.json", stats)  # last: this marks the shard done
         return stats

@@ -29,6 +29,22 @@ class Source(Protocol):
         ...
 
 
+class SourceError(ValueError):
+    """A source that cannot be planned; the message starts with the config key at fault
+    (`images: /data/coco/images does not exist`), which the build prefixes with the source's path."""
+
+
+def require(url: str, key: str, kind: str = "folder") -> None:
+    """`url` (a path or fsspec URL, the value of config key `key`) must exist as a folder or file."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    ok = fs.isdir(path) if kind == "folder" else fs.isfile(path)
+    if not ok:
+        what = "is not a folder" if kind == "folder" and fs.exists(path) else "does not exist"
+        raise SourceError(f"{key}: {url} {what}")
+
+
 def chunk(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.sources.base import chunk, image_record, read_bytes
+from pipelines.sources.base import SourceError, chunk, image_record, read_bytes, require
 
 
 @dataclass
@@ -29,16 +29,22 @@ class CocoSource:
         self.name = cfg.name
 
     def plan(self, units_per_shard: int) -> list[list[dict[str, Any]]]:
-        with fsspec.open(self.cfg.annotations, "r") as f:
-            coco = json.load(f)
+        require(self.cfg.annotations, "annotations", "file")
+        require(self.cfg.images, "images")
+        try:
+            with fsspec.open(self.cfg.annotations, "r") as f:
+                coco = json.load(f)
+            images = coco["images"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise SourceError(f"annotations: {self.cfg.annotations} is not a COCO instances JSON ({err!r})") from err
         categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
-        per_image: dict[Any, list[dict]] = {img["id"]: [] for img in coco["images"]}
+        per_image: dict[Any, list[dict]] = {img["id"]: [] for img in images}
         for ann in coco.get("annotations", []):
             ann = dict(ann)
             ann.setdefault("label", categories.get(ann.get("category_id"), "object"))
             per_image.setdefault(ann["image_id"], []).append(ann)
         units = []
-        for img in sorted(coco["images"], key=lambda im: str(im["file_name"])):
+        for img in sorted(images, key=lambda im: str(im["file_name"])):
             anns = sorted(per_image.get(img["id"], []), key=lambda a: a.get("id", 0))
             caption = img.get("caption") or _caption_from_labels([a["label"] for a in anns])
             # The annotations travel with the unit so workers never reload the (large) JSON.

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.sources.base import chunk, image_record
+from pipelines.sources.base import SourceError, chunk, image_record, require
 
 
 @dataclass
@@ -36,16 +36,23 @@ class HfDatasetSource:
     def _open(self):
         import datasets  # heavy import, only where used
 
+        require(self.cfg.path, "path")
         if os.path.exists(os.path.join(self.cfg.path, "state.json")) or os.path.exists(
             os.path.join(self.cfg.path, "dataset_dict.json")
         ):
             ds = datasets.load_from_disk(self.cfg.path)
             if isinstance(ds, datasets.DatasetDict):
+                if self.cfg.split not in ds:
+                    raise SourceError(f"split: {self.cfg.path} has no split {self.cfg.split!r} (has {list(ds)})")
                 ds = ds[self.cfg.split]
         else:
-            ds = datasets.load_dataset(self.cfg.path, split=self.cfg.split)
+            try:
+                ds = datasets.load_dataset(self.cfg.path, split=self.cfg.split)
+            except ValueError as err:  # e.g. no such split
+                raise SourceError(f"split: {self.cfg.path}: {err}") from err
         if self.cfg.image_column not in ds.column_names:
-            raise ValueError(f"{self.cfg.path}: no column {self.cfg.image_column!r} (has {ds.column_names})")
+            raise SourceError(f"image_column: {self.cfg.path} has no column {self.cfg.image_column!r}"
+                              f" (has {ds.column_names})")
         if isinstance(ds.features[self.cfg.image_column], datasets.Image):
             ds = ds.cast_column(self.cfg.image_column, datasets.Image(decode=False))
         return ds

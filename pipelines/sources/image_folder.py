@@ -14,7 +14,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.sources.base import chunk, image_record, read_bytes
+from pipelines.sources.base import SourceError, chunk, image_record, read_bytes, require
 
 
 @dataclass
@@ -37,6 +37,8 @@ class ImageFolderSource:
         return c if os.path.isabs(c) or "://" in c else os.path.join(self.cfg.path, c)
 
     def plan(self, units_per_shard: int) -> list[list[dict[str, Any]]]:
+        require(self.cfg.path, "path")
+        require(self._captions_path(), "captions", "file")
         lines = []
         with fsspec.open(self._captions_path(), "r") as f:
             for n, line in enumerate(f):
@@ -45,9 +47,9 @@ class ImageFolderSource:
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{self._captions_path()}:{n + 1}: not JSON ({err})") from err
-                if "file" not in entry:
-                    raise ValueError(f"{self._captions_path()}:{n + 1}: missing 'file'")
+                    raise SourceError(f"captions: {self._captions_path()}:{n + 1}: not JSON ({err})") from err
+                if not isinstance(entry, dict) or "file" not in entry:
+                    raise SourceError(f"captions: {self._captions_path()}:{n + 1}: missing 'file'")
                 lines.append(entry)
         lines.sort(key=lambda e: str(e["file"]))
         return chunk(lines, units_per_shard)

@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.sources.base import chunk, read_bytes
+from pipelines.sources.base import chunk, read_bytes, require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 
@@ -33,6 +33,7 @@ class VideoFolderSource:
         self.name = cfg.name
 
     def plan(self, units_per_shard: int) -> list[list[str]]:
+        require(self.cfg.path, "path")
         fs, root = fsspec.core.url_to_fs(self.cfg.path)
         names = sorted(posixpath.basename(p) for p in fs.ls(root, detail=False)
                        if p.lower().endswith(VIDEO_EXTS))

@@ -3,7 +3,8 @@
 Only live rows go to the model, in batches of `batch_size` images; its `subjects` come back in the
 same layout as AnnotateGiven's (masks stay HxW bool arrays: rows cross Ray boundaries pickled, not
 as Arrow columns). A row the annotator reports in `annotate_error` is rejected with the reason part
-of that message. The model is built once per instance (once per Ray actor).
+of that message (the rest goes to `reject_detail`, for the status table). The model is built once
+per instance (once per Ray actor).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.batch import Batch, ensure_column, live_rows, reject
+from pipelines.typed_config import ConfigError
 
 
 def build_auto_config(model: dict[str, Any]):
@@ -18,13 +20,13 @@ def build_auto_config(model: dict[str, Any]):
     try:
         from pipelines.annotate_auto import AutoAnnotateConfig
     except ImportError as err:
-        raise RuntimeError("data.annotate.mode is 'auto' but pipelines/annotate_auto.py is not available "
-                           f"({err})") from err
+        raise ConfigError("data.annotate.mode: 'auto' needs pipelines/annotate_auto.py and its models' packages"
+                          f" ({err})") from err
     try:
         cfg = AutoAnnotateConfig.from_dict(model)
         cfg.validate()
     except (TypeError, ValueError, FileNotFoundError) as err:
-        raise ValueError(f"data.annotate.auto.model: {err}") from err
+        raise ConfigError(f"data.annotate.auto.model: {err}") from err
     return cfg
 
 
@@ -46,8 +48,10 @@ class AutoAnnotate:
             out = self.annotator(inp)
             errors = out.get("annotate_error") or [None] * len(chunk)
             for i, subjects, error in zip(chunk, out["subjects"], errors, strict=True):
-                if error:  # "<reason>: <detail>": the reason is what the stats count
-                    reject(batch, i, error.split(":", 1)[0].strip())
+                if error:  # "<reason>: <detail>": the reason is what the stats count, the detail is kept
+                    reason, _, detail = error.partition(":")
+                    reject(batch, i, reason.strip())
+                    ensure_column(batch, "reject_detail")[i] = detail.strip() or None
                     continue
                 batch["subjects"][i] = [dict(s, score=float(s["score"]), bbox=[float(v) for v in s["bbox"]])
                                         for s in subjects]

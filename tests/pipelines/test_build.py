@@ -91,19 +91,34 @@ def test_rerun_skips_done_shards_and_redoes_the_rest(tmp_path, toy_dir):
     resumed = build(params, "unpaired")
     assert [s["shard"] for s in resumed.stats] == [2, 3]
     assert (folder / "000002.tar").read_bytes() == tar2
-    assert resumed.removed == [".000003.tar.0123abcd.tmp"]
+    assert resumed.cleaned == [".000003.tar.0123abcd.tmp"] and resumed.removed == []
     assert {n: v for n, v in snapshot(folder).items() if not n.startswith(("000002", "000003"))} == {
         n: v for n, v in before.items() if not n.startswith(("000002", "000003"))}
 
 
 def test_changed_params_redo_shards_and_drop_ones_no_longer_planned(tmp_path, toy_dir):
+    import pytest
+
+    from pipelines.build import BuildError
+
     params = toy_params(toy_dir, tmp_path / "out")
     first = build(params, "unpaired")
-    stricter = toy_params(toy_dir, tmp_path / "out", filter__min_area_frac=0.05, shards__images_per_shard=12)
-    second = build(stricter, "unpaired")
-    assert second.skipped == 0 and second.planned == 2 < first.planned
     folder = tmp_path / "out" / "unpaired"
-    assert sorted(os.listdir(folder)) == ["000000.stats.json", "000000.tar", "000001.stats.json", "000001.tar"]
+    published = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
+    stricter = toy_params(toy_dir, tmp_path / "out", filter__min_area_frac=0.05, shards__images_per_shard=12)
+    # Stricter filters publish fewer samples: refused without --prune, and nothing published changes.
+    with pytest.raises(BuildError, match="rerun with --prune"):
+        build(stricter, "unpaired")
+    assert {n: (folder / n).read_bytes() for n in os.listdir(folder) if not n.startswith(".")} == published
+    second = run_build(parse_data_config(stricter["data"]), "unpaired", str(tmp_path / "out"), "local", prune=True)
+    assert second.planned == 2 < first.planned
+    assert second.skipped == 2  # the shards the refused run built in staging are reused, not rebuilt
+    assert sorted(os.listdir(folder)) == ["000000.stats.json", "000000.status.parquet", "000000.tar",
+                                          "000001.stats.json", "000001.status.parquet", "000001.tar"]
+    assert [name for name, _ in second.removed] == [f"{n:06d}.{ext}" for n in range(2, first.planned)
+                                                    for ext in ("stats.json", "status.parquet", "tar")]
+    assert {why for _, why in second.removed} == {"not in the plan any more: source 'toyworld' now has 2 shard(s)"}
+    assert [n for n, _, _ in second.replaced] == [0, 1]
     hashes = {st["params_hash"] for st in read_stats(folder).values()}
     assert hashes == {json.loads(s["json"])["params_hash"] for s in read_samples(folder)} and len(hashes) == 1
     assert all(sub["area_frac"] >= 0.05 for s in read_samples(folder) for sub in json.loads(s["json"])["subjects"])
