@@ -2,6 +2,8 @@
 
 Adds columns `image` (HxWx3 uint8), `alpha` (HxW uint8 or None), `width`, `height`, `pixel_sha256`
 and `passthrough` (the original bytes when they are already a plain RGB JPEG that can be written as is).
+Images come out in display orientation: an EXIF orientation tag is applied here (as viewers and COCO
+tools do), so annotations given in display coordinates line up with the pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.config import DecodeConfig
@@ -77,8 +79,14 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray, np.
         raise Rejected("absurd_size") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise Rejected("truncated" if "truncated" in str(err).lower() else "decode_error") from err
+    upright = im.getexif().get(EXIF_ORIENTATION, 1) == 1
+    plain_jpeg = im.format == "JPEG" and im.mode == "RGB" and upright
+    if not upright:
+        try:
+            im = ImageOps.exif_transpose(im)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise Rejected("decode_error") from err
     rgb, alpha = to_rgb_alpha(im)
-    plain_jpeg = im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(EXIF_ORIENTATION, 1) == 1
     return np.ascontiguousarray(rgb), alpha, (data if plain_jpeg else None)
 
 

@@ -78,3 +78,36 @@ def test_plain_rgb_jpeg_passes_through_and_hash_is_of_pixels():
 def test_other_formats_decode(fmt):
     out = run([encoded(Image.fromarray(RGB), fmt)])
     assert out["reject"] == [None] and out["image"][0].shape == (40, 60, 3)
+
+
+def _upright_scene() -> tuple[np.ndarray, list[float]]:
+    """A 48x80 (HxW) grey image with a red block at a known display position, and its COCO polygon."""
+    img = np.full((48, 80, 3), 128, np.uint8)
+    img[8:24, 50:74] = (230, 20, 20)
+    return img, [50, 8, 74, 8, 74, 24, 50, 24]
+
+
+@pytest.mark.parametrize("orientation,stored_rot90", [(6, 1), (8, -1), (3, 2)])
+def test_exif_rotated_jpeg_decodes_upright_and_given_masks_align(orientation, stored_rot90):
+    from pipelines.stages.annotate_given import AnnotateGiven
+
+    upright, polygon = _upright_scene()
+    # The camera stores the pixels turned (np.rot90 counter-clockwise k times) and tags how to turn them back.
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=stored_rot90)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    rotated = encoded(stored, "JPEG", quality=95, exif=exif.tobytes())
+    copy = jpeg_bytes(upright, quality=95)
+    out = run([rotated, copy])
+    assert out["reject"] == [None, None]
+    got, ref = out["image"]
+    assert got.shape == ref.shape == (48, 80, 3) and (out["width"][0], out["height"][0]) == (80, 48)
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3  # the same picture, up to JPEG noise
+    assert out["passthrough"][0] is None and out["passthrough"][1] == copy  # turned pixels are re-encoded
+    # A mask given in display coordinates covers the red block of the decoded pixels.
+    out["annotations"] = [[{"segmentation": [polygon], "label": "block"}]] * 2
+    out = AnnotateGiven()(out)
+    mask = out["subjects"][0][0]["mask"]
+    assert mask[8:24, 50:74].all() and mask.sum() <= 17 * 25  # the polygon, edges included
+    red = got[mask].mean(axis=0)
+    assert red[0] > 180 and red[1] < 80 and red[2] < 80
