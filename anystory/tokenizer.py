@@ -12,12 +12,18 @@ from open_clip.tokenizer import default_bpe
 from transformers import CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from anystory.atomic import write_atomic
+
 # OpenAI CLIP keeps the first 49152 - 256 - 2 merges of the 16e6 BPE file.
 _NUM_MERGES = 49152 - 256 - 2
 
 
 def write_clip_vocab(directory: str | Path) -> Path:
-    """Write vocab.json and merges.txt into `directory` (idempotent) and return it."""
+    """Write vocab.json and merges.txt into `directory` (idempotent) and return it.
+
+    Every rank of a multi-process run may call this on the same folder at once: each file is
+    written atomically, so a rank that finds both files reads them whole, and ranks that write
+    concurrently write the same bytes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
@@ -29,8 +35,8 @@ def write_clip_vocab(directory: str | Path) -> Path:
     symbols += [s + "</w>" for s in symbols]
     symbols += ["".join(m) for m in merges]
     symbols += ["<|startoftext|>", "<|endoftext|>"]
-    vocab_path.write_text(json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False))
-    merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    write_atomic(vocab_path, json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False))
+    write_atomic(merges_path, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return directory
 
 
