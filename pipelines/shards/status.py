@@ -3,8 +3,8 @@ became of it (like img2dataset's per-shard parquet).
 
 One row per input: `input_id` (the source's id: file name, `tar/key`, `row<N>`, video name), `source`,
 `status` (`ok`, or the rejection reason the stats count), `detail` (why, where known: the stage's
-message, subjects dropped by reason, frames rejected by reason), `keys` (the sample keys it became;
-a video can give several), `width` / `height` (the decoded input's size, before any resize; null
+message, subjects and pair candidates dropped by reason, frames rejected by reason), `keys` (the
+sample keys it became; a video can give several), `width` / `height` (the decoded input's size, before any resize; null
 when it never decoded).
 """
 
@@ -50,7 +50,7 @@ def status_rows(rows: Batch, source: str, keys: list[list[str]]) -> list[dict[st
     out = []
     for i in range(n):
         status = rejects[i] if rejects[i] is not None else (OK if keys[i] else "no_samples")
-        parts = [details[i], _counts("subjects dropped", dropped[i]), _counts("frames rejected", frames[i])]
+        parts = [details[i], _counts("dropped", dropped[i]), _counts("frames rejected", frames[i])]
         out.append({"input_id": str(ids[i]), "source": source, "status": status,
                     "detail": "; ".join(p for p in parts if p) or None, "keys": keys[i],
                     "width": _size(rows, i, ("orig_width", "width")),
