@@ -54,6 +54,12 @@ class DecodeConfig:
     max_side: int = 16384
     max_pixels: int = 100_000_000
     max_video_frames: int = 20_000
+    max_short_side: int | None = 1024  # output size: short side at most this, never upscaled; null keeps it
+    center_crop: bool = False  # then the centre square (img2dataset's center_crop)
+
+    def check(self, path: str) -> None:
+        if self.max_short_side is not None:
+            _positive(path, max_short_side=self.max_short_side)
 
 
 @dataclass

@@ -14,16 +14,19 @@ import numpy as np
 
 from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.masks import mask_bbox, segmentation_to_mask
+from pipelines.stages.resize import Geometry, identity_geometry
 
 CARRIED_KEYS = ("identity",)
 
 
-def subjects_from_annotations(anns: list[dict[str, Any]], height: int, width: int) -> list[dict[str, Any]]:
+def subjects_from_annotations(anns: list[dict[str, Any]], geometry: Geometry) -> list[dict[str, Any]]:
+    """Masks are given in the input's (display) coordinates; they follow the decoder's resize / crop."""
     subjects = []
     for ann in anns:
         if ann.get("iscrowd") or "segmentation" not in ann:
             continue  # crowd regions and box-only annotations give no instance mask
-        mask = segmentation_to_mask(ann["segmentation"], height, width)
+        mask = geometry.mask(segmentation_to_mask(ann["segmentation"], geometry.original_height,
+                                                  geometry.original_width))
         box = mask_bbox(mask)
         if box is None:
             continue
@@ -47,12 +50,13 @@ class AnnotateGiven:
     def __call__(self, batch: Batch) -> Batch:
         ensure_column(batch, "subjects")
         anns_col = batch.get("annotations") or [None] * len(batch["image"])
+        geometries = batch.get("geometry") or [None] * len(batch["image"])
         for i in list(live_rows(batch)):
             h, w = batch["image"][i].shape[:2]
             anns = anns_col[i]
             try:
                 if anns is not None:
-                    batch["subjects"][i] = subjects_from_annotations(anns, h, w)
+                    batch["subjects"][i] = subjects_from_annotations(anns, geometries[i] or identity_geometry(w, h))
                 elif batch.get("alpha") and batch["alpha"][i] is not None:
                     labels = batch.get("labels", [None] * len(batch["image"]))[i] or ["subject"]
                     batch["subjects"][i] = subject_from_alpha(batch["alpha"][i], labels[0])

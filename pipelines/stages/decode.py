@@ -1,7 +1,8 @@
 """Stage 1 (images): bytes -> RGB uint8 array (+ alpha), or a rejection reason.
 
-Adds columns `image` (HxWx3 uint8), `alpha` (HxW uint8 or None), `width`, `height`, `pixel_sha256`
-and `passthrough` (the original bytes when they are already a plain RGB JPEG that can be written as is).
+Adds columns `image` (HxWx3 uint8), `alpha` (HxW uint8 or None), `width`, `height`, `pixel_sha256`,
+`geometry` (stages/resize.py: the output size policy, applied here) and `passthrough` (the original
+bytes when they are already a plain RGB JPEG of the output size that can be written as is).
 Images come out in display orientation: an EXIF orientation tag is applied here (as viewers and COCO
 tools do), so annotations given in display coordinates line up with the pixels.
 """
@@ -18,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.config import DecodeConfig
+from pipelines.stages.resize import output_geometry
 
 EXIF_ORIENTATION = 274
 
@@ -95,7 +97,7 @@ class DecodeImages:
     cfg: DecodeConfig
 
     def __call__(self, batch: Batch) -> Batch:
-        for col in ("image", "alpha", "width", "height", "pixel_sha256", "passthrough"):
+        for col in ("image", "alpha", "width", "height", "pixel_sha256", "passthrough", "geometry"):
             ensure_column(batch, col)
         ensure_column(batch, "reject")
         for i in list(live_rows(batch)):
@@ -104,8 +106,13 @@ class DecodeImages:
             except Rejected as r:
                 reject(batch, i, r.reason)
                 continue
+            geometry = output_geometry(rgb.shape[1], rgb.shape[0], self.cfg)
+            if not geometry.identity:
+                rgb, passthrough = geometry.image(rgb), None
+                alpha = None if alpha is None else geometry.image(alpha)
             h, w = rgb.shape[:2]
             batch["image"][i], batch["alpha"][i], batch["passthrough"][i] = rgb, alpha, passthrough
+            batch["geometry"][i] = geometry
             batch["width"][i], batch["height"][i] = w, h
             batch["pixel_sha256"][i] = hashlib.sha256(f"{h}x{w}:".encode() + rgb.tobytes()).hexdigest()
             batch["data"][i] = None  # the decoded array replaces the encoded bytes from here on

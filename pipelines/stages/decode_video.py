@@ -2,7 +2,8 @@
 
 Adds `frames` (list of HxWx3 uint8), `frame_indices` (decoded frame number of each sampled frame),
 `frame_times` (seconds), `thumbs` (tiny colour histograms of *all* frames, for cut detection),
-`fps`, `width`, `height`. Decoding goes through every frame (codecs are sequential); only the sampled
+`fps`, `width`, `height` (of the sampled frames after the output size policy, stages/resize.py) and
+`geometry`. Decoding goes through every frame (codecs are sequential); only the sampled
 ones are kept in full.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.config import DecodeConfig, VideoConfig
 from pipelines.stages.decode import Rejected, check_size
+from pipelines.stages.resize import output_geometry
 
 HIST_BINS = 4  # per channel: a 64-bin colour histogram per frame
 
@@ -40,6 +42,7 @@ def decode_video(data: bytes | None, dcfg: DecodeConfig, sample_fps: float) -> d
                 raise Rejected("no_video_stream")
             stream = container.streams.video[0]
             check_size(stream.codec_context.width, stream.codec_context.height, dcfg)
+            geometry = output_geometry(stream.codec_context.width, stream.codec_context.height, dcfg)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
             next_t = 0.0
             for n, frame in enumerate(container.decode(stream)):
@@ -50,7 +53,7 @@ def decode_video(data: bytes | None, dcfg: DecodeConfig, sample_fps: float) -> d
                 # Timestamps from the frame count: containers disagree on start offsets, counts do not.
                 t = n / fps
                 if t + 1e-6 >= next_t:
-                    frames.append(arr)
+                    frames.append(geometry.image(arr))
                     indices.append(n)
                     times.append(t)
                     next_t += 1.0 / sample_fps
@@ -61,7 +64,7 @@ def decode_video(data: bytes | None, dcfg: DecodeConfig, sample_fps: float) -> d
     if not frames:
         raise Rejected("empty_video")
     return {"frames": frames, "frame_indices": indices, "frame_times": times, "thumbs": np.stack(thumbs),
-            "fps": fps, "width": frames[0].shape[1], "height": frames[0].shape[0]}
+            "fps": fps, "width": frames[0].shape[1], "height": frames[0].shape[0], "geometry": geometry}
 
 
 @dataclass
@@ -70,7 +73,7 @@ class DecodeVideos:
     video: VideoConfig
 
     def __call__(self, batch: Batch) -> Batch:
-        cols = ("frames", "frame_indices", "frame_times", "thumbs", "fps", "width", "height")
+        cols = ("frames", "frame_indices", "frame_times", "thumbs", "fps", "width", "height", "geometry")
         for col in cols:
             ensure_column(batch, col)
         ensure_column(batch, "reject")

@@ -19,6 +19,7 @@ from PIL import Image
 from pipelines.batch import Batch, ensure_column, live_rows
 from pipelines.config import PIPELINE_VERSION, ShardsConfig
 from pipelines.shards.contract import JSON, encode_subject_members
+from pipelines.stages.resize import identity_geometry
 
 SUBJECT_META = ("label", "bbox", "score", "area_frac", "ref_from", "identity", "ref_identity", "match_score",
                 "mask_iou")
@@ -64,6 +65,8 @@ def sample_members(sample: dict[str, Any], source: str, kind: str, params_hash: 
                     "min_area_frac": _round(min(s.get("area_frac", 0.0) for s in sample["subjects"]))},
         "pipeline_version": PIPELINE_VERSION, "params_hash": params_hash,
     }
+    geometry = sample.get("geometry") or identity_geometry(w, h)
+    meta.update(geometry.json_fields())
     meta.update({k: sample[k] for k in PAIR_META if k in sample})
     members[JSON] = json.dumps(meta, sort_keys=True).encode()
     return members
@@ -82,11 +85,12 @@ class EncodeSamples:
             if "samples" in batch:  # video rows: several samples each
                 samples = batch["samples"][i]
             else:
-                samples = [{k: batch[k][i] for k in ("image", "caption", "subjects", "source_id", "passthrough")}]
+                samples = [{k: batch[k][i] if k in batch else None
+                            for k in ("image", "caption", "subjects", "source_id", "passthrough", "geometry")}]
             batch["members"][i] = [sample_members(s, self.source, self.kind, self.params_hash, self.cfg)
                                    for s in samples]
             # Pixels are encoded now: free them before the shard is written.
-            for col in ("image", "samples", "subjects", "alpha", "passthrough"):
+            for col in ("image", "samples", "subjects", "alpha", "passthrough", "geometry"):
                 if col in batch:
                     batch[col][i] = None
         return batch

@@ -17,9 +17,11 @@ def frames_to_images(videos: Batch) -> tuple[Batch, list[tuple[int, int]]]:
     A frame an earlier image stage rejected stays rejected (its reason is in `frame_rejects`).
     """
     carried = [c for c in PER_FRAME if c in videos]
-    rows: Batch = {c: [] for c in ("image", "caption", "labels", "annotations", "reject", "alpha", *carried)}
+    rows: Batch = {c: [] for c in ("image", "caption", "labels", "annotations", "reject", "alpha", "geometry",
+                                   *carried)}
     where = []
     given, labels, frame_rejects = _col(videos, "frame_annotations"), _col(videos, "labels"), _col(videos, "frame_rejects")
+    geometries = _col(videos, "geometry")
     for v in live_rows(videos):
         for k, frame in enumerate(videos["frames"][v]):
             rows["image"].append(frame)
@@ -28,6 +30,7 @@ def frames_to_images(videos: Batch) -> tuple[Batch, list[tuple[int, int]]]:
             rows["annotations"].append(None if given[v] is None else given[v].get(videos["frame_indices"][v][k], []))
             rows["reject"].append(frame_rejects[v][k] if frame_rejects[v] else None)
             rows["alpha"].append(None)
+            rows["geometry"].append(geometries[v])  # given masks are in the video's coordinates
             for c in carried:
                 rows[c].append(videos[c][v][k])
             where.append((v, k))

@@ -44,6 +44,15 @@ def _image(data: bytes, mode: str, name: str) -> np.ndarray:
         raise SampleError(f"undecodable {name}") from err
 
 
+def size_conditioning(meta: dict[str, Any], h: int, w: int, top: int, left: int, scale: float,
+                      resolution: int) -> list[float]:
+    """SDXL's time ids: the input's original size (before the pipeline resized it), the crop's top-left
+    in the image as resized for training (the pipeline's centre crop, scaled, plus ours), target size."""
+    return [meta.get("original_height", h), meta.get("original_width", w),
+            top + round(meta.get("crop_top", 0) * scale), left + round(meta.get("crop_left", 0) * scale),
+            resolution, resolution]
+
+
 class DecodeSample:
     """Callable on a raw webdataset sample (member name -> bytes); raises SampleError."""
 
@@ -104,7 +113,8 @@ class DecodeSample:
             "key": sample.get("__key__", ""),
             "pixels": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
             "caption": "" if drop_caption else caption,
-            "time_ids": torch.tensor([h, w, top, left, cfg.resolution, cfg.resolution], dtype=torch.float32),
+            "time_ids": torch.tensor(size_conditioning(meta, h, w, top, left, scale, cfg.resolution),
+                                     dtype=torch.float32),
             "masks": torch.from_numpy(masks),
             "clip_pixels": clip,
             "ref_pixels": refs,
