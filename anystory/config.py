@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines import typed_config
+
 
 @dataclass
 class QFormerConfig:
@@ -58,16 +60,10 @@ class AnyStoryConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AnyStoryConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AnyStory config keys: {unknown}")
-        data = dict(data)
-        data["subject_qformer"] = QFormerConfig(**data["subject_qformer"])
-        data["routing_qformer"] = QFormerConfig(**data["routing_qformer"])
-        data["router"] = RouterConfig(**data["router"])
-        return cls(**data)
+    def from_dict(cls, data: Any, path: str = "config") -> AnyStoryConfig:
+        """The config from plain JSON data; an unknown or missing key or a value of the wrong type
+        raises `typed_config.ConfigError` naming its dotted path (e.g. `config.router.width`)."""
+        return typed_config.from_dict(cls, data, path)
 
     @property
     def vae_scale_factor(self) -> int:

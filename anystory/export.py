@@ -1,7 +1,8 @@
 """Export: one safetensors file with everything AnyStory adds to the base model, plus a JSON config.
-`anystory generate` loads this directory as it is; loading checks every key and shape and names
-what does not match; nothing is unpickled. For random- or toy-trained bases (the `tiny` preset)
-the base components are embedded under base/ in the diffusers layout."""
+`anystory generate` loads this directory as it is; loading first validates the directory
+(anystory/export_format.py), then checks every key and shape and names what does not match;
+nothing is unpickled. For random- or toy-trained bases (the `tiny` preset) the base components are
+embedded under base/ in the diffusers layout."""
 
 from __future__ import annotations
 
@@ -14,11 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from anystory.components import BaseComponents, build_random, load_pretrained, save_components
 from anystory.config import AnyStoryConfig
+from anystory.export_format import BASE_DIR, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, validate_export
 from anystory.model import AnyStoryModel
-
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "anystory.safetensors"
-CONFIG_FILE = "anystory.json"
 
 
 class ExportMismatchError(ValueError):
@@ -43,7 +41,7 @@ def save_export(
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
     config = model.config.to_dict()
     if components is not None:
-        save_components(components, directory / "base")
+        save_components(components, directory / BASE_DIR)
         config["weights"] = {}
     document = {
         "format_version": FORMAT_VERSION,
@@ -53,16 +51,6 @@ def save_export(
     }
     (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
     return directory
-
-
-def read_config(directory: str | Path) -> tuple[AnyStoryConfig, bool]:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} an AnyStory export directory?")
-    document = json.loads(path.read_text())
-    if document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {document.get('format_version')} is not {FORMAT_VERSION}")
-    return AnyStoryConfig.from_dict(document["config"]), bool(document["base_embedded"])
 
 
 def load_adapter_weights(model: AnyStoryModel, path: str | Path, keys: Collection[str] | None = None) -> None:
@@ -100,9 +88,10 @@ def load_export(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[AnyStoryModel, BaseComponents]:
     directory = Path(directory)
-    config, embedded = read_config(directory)
+    config, embedded = validate_export(directory)
     if embedded:
-        config.weights = {"base": str(directory / "base"), "image_encoder": str(directory / "base" / "image_encoder")}
+        base = directory / BASE_DIR
+        config.weights = {"base": str(base), "image_encoder": str(base / "image_encoder")}
     components = load_pretrained(config, torch_dtype=dtype)
     for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2,
                    components.image_encoder):

@@ -1,19 +1,41 @@
 """Routing maps as pictures: argmax route per position, one colour per subject, blended over the
-generated image; one row per recorded denoising step, one tile per layer (the paper's Fig. 5)."""
+generated image; one row per recorded denoising step (labelled with its timestep), one tile per
+layer (labelled with its index and map resolution), and a legend pairing each subject's colour with
+its reference (the paper's Fig. 5)."""
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
+import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from anystory.context import LayerRouting
 
-PALETTE = np.array(
+BASE_PALETTE = np.array(
     [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
      [240, 50, 230], [210, 245, 60]], dtype=np.float32,
 )
+LABEL_WIDTH = 56  # left column: the rows' timesteps
+HEADER_HEIGHT = 30  # top row: the columns' layer index and resolution
+TEXT = (0, 0, 0)
+BACKGROUND = (255, 255, 255)
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) colours, all distinct: the base palette up to its size, beyond it n evenly spaced hues
+    (a repeating palette would give two subjects one colour)."""
+    if n <= len(BASE_PALETTE):
+        return BASE_PALETTE[:n].copy()
+    hues = [colorsys.hsv_to_rgb(i / n, 0.85, 0.95) for i in range(n)]
+    return np.round(np.array(hues, dtype=np.float32) * 255)
+
+
+def num_subjects(maps: dict[int, LayerRouting]) -> int:
+    return next(iter(maps.values())).probs.shape[-1] - 1  # the last route is the background
 
 
 def route_colours(routing: LayerRouting, sample: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -23,8 +45,10 @@ def route_colours(routing: LayerRouting, sample: int, size: int) -> tuple[np.nda
     probs = F.interpolate(probs, size=(size, size), mode="nearest")[0]
     route = probs.argmax(0).cpu().numpy()
     background = probs.shape[0] - 1
-    colours = PALETTE[route % len(PALETTE)]
-    return colours, route != background
+    subject = route != background
+    colours = np.zeros((size, size, 3), dtype=np.float32)
+    colours[subject] = palette(background)[route[subject]]
+    return colours, subject
 
 
 def overlay(image: Image.Image, routing: LayerRouting, sample: int = 0, size: int = 96, alpha: float = 0.55) -> Image.Image:
@@ -34,18 +58,75 @@ def overlay(image: Image.Image, routing: LayerRouting, sample: int = 0, size: in
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def legend(references: list[Image.Image] | None, n: int, tile: int) -> Image.Image:
+    """One entry per subject: its colour as a frame around its reference's thumbnail (a plain
+    swatch without references) and its number; then the background's entry."""
+    font = _font(12)
+    colours = palette(n).astype(np.uint8)
+    strip = Image.new("RGB", (LABEL_WIDTH + (n + 1) * tile, tile + 18), BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, tile // 2), "routes", fill=TEXT, font=font)
+    frame, inner = 6, tile - 16
+    for k in range(n + 1):
+        x0 = LABEL_WIDTH + k * tile + 4
+        colour = tuple(int(c) for c in colours[k]) if k < n else (128, 128, 128)
+        draw.rectangle((x0, 2, x0 + inner + 2 * frame - 1, 2 + inner + 2 * frame - 1), fill=colour)
+        if k < n and references is not None:
+            thumb = ImageOps.pad(references[k].convert("RGB"), (inner, inner), color=BACKGROUND)
+            strip.paste(thumb, (x0 + frame, 2 + frame))
+        name = f"subject {k + 1}" if k < n else "background"
+        draw.text((x0, tile + 2), name, fill=TEXT, font=font)
+    return strip
+
+
+def pick_rows(steps: list, max_rows: int) -> list:
+    """At most `max_rows` entries, evenly spread from the first to the last."""
+    if len(steps) <= max_rows:
+        return list(steps)
+    idx = torch.linspace(0, len(steps) - 1, max_rows).round().long().tolist()
+    return [steps[i] for i in idx]
+
+
 def routing_panel(
-    image: Image.Image, steps: list[tuple[int, dict[int, LayerRouting]]], sample: int = 0, tile: int = 96
+    image: Image.Image,
+    steps: list[tuple[int, dict[int, LayerRouting]]],
+    sample: int = 0,
+    tile: int = 96,
+    references: list[Image.Image] | None = None,
+    max_rows: int = 6,
 ) -> Image.Image:
-    """Rows: recorded steps (label = timestep); columns: the image, then every layer in order."""
+    """Rows: recorded steps (label: timestep; at most `max_rows`, evenly spread); columns: the
+    image, then every layer in order (label: index and map resolution h x w); below, the legend
+    (with each subject's reference when `references` are given, in subject order)."""
     if not steps:
         raise ValueError("no routing maps were recorded (is the router on?)")
+    steps = pick_rows(steps, max_rows)
     layers = sorted(steps[0][1])
-    panel = Image.new("RGB", ((len(layers) + 1) * tile, len(steps) * tile), (255, 255, 255))
-    for row, (_, maps) in enumerate(steps):
-        panel.paste(image.convert("RGB").resize((tile, tile)), (0, row * tile))
+    n = num_subjects(steps[0][1])
+    if references is not None and len(references) != n:
+        raise ValueError(f"{len(references)} references for routing maps of {n} subjects")
+    key = legend(references, n, tile)
+    width = max(LABEL_WIDTH + (len(layers) + 1) * tile, key.width)
+    grid_height = HEADER_HEIGHT + len(steps) * tile
+    panel = Image.new("RGB", (width, grid_height + key.height), BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    font = _font(12)
+    draw.text((LABEL_WIDTH + 4, 8), "image", fill=TEXT, font=font)
+    for col, layer in enumerate(layers, start=1):
+        h, w = steps[0][1][layer].hw
+        draw.text((LABEL_WIDTH + col * tile + 4, 2), f"layer {layer}", fill=TEXT, font=font)
+        draw.text((LABEL_WIDTH + col * tile + 4, 15), f"{h}x{w}", fill=TEXT, font=font)
+    for row, (timestep, maps) in enumerate(steps):
+        y = HEADER_HEIGHT + row * tile
+        draw.text((4, y + tile // 2 - 6), f"t={timestep}", fill=TEXT, font=font)
+        panel.paste(image.convert("RGB").resize((tile, tile)), (LABEL_WIDTH, y))
         for col, layer in enumerate(layers, start=1):
-            panel.paste(overlay(image, maps[layer], sample, tile), (col * tile, row * tile))
+            panel.paste(overlay(image, maps[layer], sample, tile), (LABEL_WIDTH + col * tile, y))
+    panel.paste(key, (0, grid_height))
     return panel
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from anystory.components import build_random
 from anystory.export import ExportMismatchError, load_adapter_weights, load_export, save_export
+from anystory.export_format import ExportError
 from anystory.model import AnyStoryModel
 from tests.anystory.helpers import make_subjects, unet_inputs
 
@@ -65,8 +66,17 @@ def test_wrong_shape_and_unexpected_keys_are_named(exported):
 
 
 def test_not_an_export_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="anystory.json"):
+    with pytest.raises(ExportError, match="anystory.json"):
         load_export(tmp_path)
+
+
+def test_loading_validates_first_and_names_the_file(exported):
+    # The loader runs the CLI's validation: a truncated base file is named before anything loads.
+    vae = exported / "base" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-1])
+    with pytest.raises(ExportError, match="incomplete metadata") as err:
+        load_export(exported)
+    assert str(err.value).startswith(f"{vae}: ")
 
 
 def test_missing_base_weights_name_their_key(exported):
