@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import random
+import tarfile
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 
 from training.data.augment import AugmentConfig, augment_reference
-from training.data.datamodule import ShardDataModule, list_shards
+from training.data.datamodule import ShardDataModule, UnreadableShards, list_shards
 from training.data.sample import DecodeSample, SampleConfig
+from tests.training.shards import write_shards
 
 SAMPLE = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=2)
 
@@ -139,3 +142,71 @@ def test_training_stream_is_the_same_in_a_rerun(shard_dirs):
     first = stream(0)
     assert first == stream(0)
     assert first != stream(1)
+
+
+def _random_bytes_shards(folder, count):
+    """`count` shards whose stats files are valid and whose tars are random bytes."""
+    write_shards(folder, shards=count, per_shard=3)
+    for shard in range(count):
+        (folder / f"{shard:06d}.tar").write_bytes(np.random.default_rng(shard).bytes(30_000))
+    return folder
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_training_stream_of_unreadable_shards_stops_naming_them(tmp_path, count):
+    folder = _random_bytes_shards(tmp_path / "bad", count)
+    dm = ShardDataModule(train_shards=[str(folder)], batch_size=2, num_workers=0, batches_per_epoch=5, sample=SAMPLE)
+    with pytest.raises(UnreadableShards) as err:
+        next(iter(dm.train_dataloader()))
+    message = UnreadableShards.one_line(err.value)
+    # Three reads of each listed shard, all in a row without a sample, then the end.
+    assert message.startswith(f"no sample from any of the {count} shards in {3 * count} reads in a row: ")
+    assert all(str(folder / f"{shard:06d}.tar") in message for shard in range(count)) and "\n" not in message
+
+
+def test_unreadable_shards_stop_a_loader_worker_with_the_same_one_line(tmp_path):
+    folder = _random_bytes_shards(tmp_path / "bad", 1)
+    dm = ShardDataModule(train_shards=[str(folder)], batch_size=2, num_workers=1, batches_per_epoch=5, sample=SAMPLE)
+    with pytest.raises(UnreadableShards) as err:
+        next(iter(dm.train_dataloader()))
+    assert "DataLoader worker" in str(err.value)  # torch's wrapping, which one_line looks through
+    assert UnreadableShards.one_line(err.value) == (f"no sample from any of the 1 shards in 3 reads in a row: "
+                                                    f"{folder / '000000.tar'} (ReadError)")
+
+
+def test_one_readable_shard_keeps_the_stream_going_and_the_other_counts_its_losses(tmp_path):
+    folder = _random_bytes_shards(tmp_path / "mixed", 1)
+    write_shards(tmp_path / "good", shards=1, per_shard=4)
+    (tmp_path / "good" / "000000.tar").rename(folder / "000001.tar")
+    (tmp_path / "good" / "000000.stats.json").rename(folder / "000001.stats.json")
+    dm = ShardDataModule(train_shards=[str(folder)], batch_size=2, num_workers=0, batches_per_epoch=30,
+                         shuffle_buffer=1, sample=SAMPLE)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 30
+    lost = [n for b in batches for reason, n in b["rejected"].items()]
+    assert lost and all(n % 3 == 0 for n in lost)  # whole reads of the 3-sample random-bytes shard
+
+
+def _cut(tar_path, index, inside):
+    """Truncate a shard at the first member of sample `index` (its header, or half-way into its data)."""
+    with tarfile.open(tar_path) as tar:
+        first = next(m for m in tar.getmembers() if m.name.split(".")[0].endswith(f"-{index:06d}"))
+    size = first.offset_data + first.size // 2 if inside else first.offset
+    with open(tar_path, "r+b") as handle:
+        handle.truncate(size)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["at-a-sample", "mid-member"])
+def test_a_truncated_shard_counts_the_samples_it_lost(tmp_path, inside):
+    folder = write_shards(tmp_path / "cut", shards=1, per_shard=6)
+    _cut(folder / "000000.tar", 4, inside)  # samples 4 and 5 are lost
+    dm = ShardDataModule(train_shards=[str(folder)], batch_size=2, num_workers=0, batches_per_epoch=7,
+                         shuffle_buffer=1, sample=SAMPLE)
+    batches = list(dm.train_dataloader())
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(set(keys)) == [f"test-000000-{i:06d}" for i in range(4)]
+    # Each read of the shard ends after sample 3; its loss is reported with a later batch, so every
+    # read but the one still going when the epoch ends has been counted: 2 samples each.
+    finished_reads = keys.count("test-000000-000000") - 1
+    assert finished_reads >= 2
+    assert sum(sum(b["rejected"].values()) for b in batches) == 2 * finished_reads

@@ -1,10 +1,13 @@
 """LightningDataModule over shard folders (the contract of DESIGN.md), with webdataset: resampled
 shards and a fixed number of batches per epoch for training, each shard once for validation;
-decode errors and unusable samples are counted by reason and skipped, never fatal."""
+decode errors, unusable samples and the samples a damaged shard lost are counted by reason and
+skipped. Only a training stream in which no listed shard yields anything is fatal (it would
+otherwise draw unreadable shards forever)."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import zlib
@@ -19,22 +22,58 @@ import webdataset as wds
 from training.data.sample import DecodeSample, SampleConfig, SampleError, collate
 
 
+def _is_url(location: str) -> bool:
+    """pipe:, http:, s3: ... (file: is a local path)."""
+    return ":" in location.split("/")[0] and not location.startswith("file:")
+
+
+def stats_path(shard: str) -> str | None:
+    """The stats file beside a local shard; None for a URL."""
+    return None if _is_url(shard) else shard[: -len(".tar")] + ".stats.json"
+
+
+class NoShards(FileNotFoundError):
+    """A shard location holds no complete shard."""
+
+
 def list_shards(locations: list[str]) -> list[str]:
     """Complete shards under the given folders or globs: a tar counts only when its stats file,
     written after the tar, exists. Explicit URLs (pipe:, http:) pass through unchanged."""
     shards: list[str] = []
     for loc in locations:
-        if ":" in loc.split("/")[0] and not loc.startswith("file:"):
+        if _is_url(loc):
             shards.append(loc)
             continue
         loc = loc.removeprefix("file://")
         pattern = os.path.join(loc, "*.tar") if os.path.isdir(loc) else loc
         for tar in sorted(glob.glob(pattern)):
-            if os.path.exists(tar[: -len(".tar")] + ".stats.json"):
+            if os.path.exists(stats_path(tar)):
                 shards.append(tar)
     if not shards:
-        raise FileNotFoundError(f"no complete shards (NNNNNN.tar with its NNNNNN.stats.json) in {locations}")
+        raise NoShards(f"no complete shards (NNNNNN.tar with its NNNNNN.stats.json) in {locations}")
     return shards
+
+
+def listed_samples(stats_file: str) -> int | None:
+    """How many samples a shard's stats file says its tar holds; None when it cannot tell."""
+    try:
+        with open(stats_file) as handle:
+            stats = json.load(handle)
+        # `samples` counts the tar's samples; stats of older builds only have `written` (inputs).
+        return int(stats.get("samples", stats.get("written")))
+    except (OSError, TypeError, ValueError, AttributeError):
+        return None
+
+
+class UnreadableShards(RuntimeError):
+    """No listed training shard yields a sample: the run cannot make a step."""
+
+    @staticmethod
+    def one_line(err: BaseException) -> str:
+        """The message, also when a loader worker raised it (torch re-raises it in the main process
+        with the worker's traceback in front: the message is then the last line)."""
+        last = str(err).strip().splitlines()[-1]
+        return last.split(f"{UnreadableShards.__name__}: ", 1)[-1]
 
 
 @dataclass
@@ -43,13 +82,61 @@ class RejectCounter:
 
     counts: Counter = field(default_factory=Counter)
 
-    def tar_error(self, exn: Exception) -> bool:
-        self.counts[f"tar: {type(exn).__name__}"] += 1
-        return True  # go on with the next sample / shard
-
     def take(self) -> dict[str, int]:
         out, self.counts = dict(self.counts), Counter()
         return out
+
+
+@dataclass
+class ReadShards:
+    """Pipeline stage: shard URLs -> raw samples, one shard at a time, so that each shard's outcome
+    is known. A shard that yields fewer samples than its stats file lists (truncated, damaged,
+    unreadable) adds the missing samples to the rejections; a shard without stats (a URL) adds one
+    count per read error instead. In a resampled (endless) stream, `max_failures` reads of every
+    listed shard in a row without a single sample raise UnreadableShards: nothing is left to train on."""
+
+    shards: list[str]
+    counter: RejectCounter
+    max_failures: int = 3
+    expected: dict[str, int | None] = field(default_factory=dict)  # per worker: each stats file read once
+
+    def _expected(self, url: str) -> int | None:
+        if url not in self.expected:
+            path = stats_path(url)
+            self.expected[url] = None if path is None else listed_samples(path)
+        return self.expected[url]
+
+    def __call__(self, sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        fruitless, failed = 0, {}  # reads in a row without a sample; the last error of each such shard
+        for source in sources:
+            url = source["url"]
+            errors: list[str] = []
+
+            def note(exn: Exception) -> bool:
+                errors.append(type(exn).__name__)
+                return True  # go on with the rest of the shard, or the next one
+
+            seen = 0
+            # A consumer that stops mid-shard (end of an epoch) never reaches the accounting below.
+            for sample in wds.tarfile_samples([{"url": url}], handler=note):
+                seen += 1
+                yield sample
+            expected = self._expected(url)
+            why = errors[-1] if errors else "ended early"
+            if expected is not None and seen < expected:
+                self.counter.counts[f"shard {why}: samples missing"] += expected - seen
+            elif expected is None:
+                for error in errors:
+                    self.counter.counts[f"tar: {error}"] += 1
+            if seen:
+                fruitless, failed = 0, {}
+                continue
+            fruitless, failed[url] = fruitless + 1, why
+            if fruitless >= self.max_failures * len(self.shards):
+                names = [f"{name} ({failed[name]})" for name in sorted(failed)]
+                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                raise UnreadableShards(f"no sample from any of the {len(self.shards)} shards in {fruitless} "
+                                       f"reads in a row: {listed}")
 
 
 @dataclass
@@ -144,7 +231,7 @@ class ShardDataModule(L.LightningDataModule):
             stages.append(wds.ResampledShards(shards, seed=seed, deterministic=True))
         else:
             stages += [wds.SimpleShardList(shards), wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=counter.tar_error))
+        stages.append(ReadShards(shards, counter))
         if not train:
             stages.append(RankShare())
         if train and self.hparams.shuffle_buffer > 1:
