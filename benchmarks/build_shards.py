@@ -7,18 +7,26 @@
    cluster start itself is reported separately. The 4x input is timed too.
 2. Memory: peak memory of the Ray build (driver + every Ray process: the sum of their PSS, sampled
    every 0.2 s) on the base input and on an input 4x larger, each on a fresh cluster; their ratio.
+3. Long videos: the paired build (single process, `runner=local`) of toyworld clips with two
+   scenes each, and of the same kind of clips 4x longer; time and peak-memory ratios (targets <= 4.5x,
+   i.e. linear, and <= 1.5x: frames kept per scene are bounded). Peak memory is the process's PSS
+   (all of it, and above what it held before the build).
 
     python benchmarks/build_shards.py [--images 960] [--size 384] [--per-shard 32] [--num-cpus 2]
+                                      [--video-seconds 60] [--video-size 240] [--video-fps 12]
+                                      [--video-clips 2] [--only images|videos]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -95,13 +103,70 @@ def ray_build(cfg, out: Path, num_cpus: int) -> tuple[float, float, int, int]:
     return t1 - t0, t2 - t1, result.totals()["samples"], mem.peak
 
 
+def make_video(root: Path, seconds: float, size: int, fps: int, clips: int) -> Path:
+    toy = root / f"video_{seconds:g}s"
+    generate(ToyworldConfig(out_dir=str(toy), num_images=0, num_videos=clips, video_size=size, video_fps=fps,
+                            video_seconds=seconds, scene_cut_fraction=1.0, seed=5))
+    return toy
+
+
+def video_build(toy: Path, out: Path) -> tuple[float, int, int, int, int]:
+    """(build s, frames decoded, samples, peak PSS bytes, PSS before the build) of the paired build."""
+    import json
+
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())["data"]
+    data["sources"] = {"unpaired": [], "paired": [{"type": "video_folder", "name": "clip", "path": f"{toy}/videos"}]}
+    data["out_dir"] = str(out)
+    cfg = parse_data_config(data)
+    frames = sum(len(json.loads(p.read_text())["frames"]) for p in (toy / "videos").glob("*.json"))
+    with PeakMemory(interval=0.05) as mem:
+        before = mem.sample()
+        t = time.perf_counter()
+        result = run_build(cfg, "paired", str(out), runner="local")
+        build_s = time.perf_counter() - t
+    return build_s, frames, result.totals()["samples"], mem.peak, before
+
+
+def video_report(seconds: float, size: int, fps: int, clips: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_video_") as tmp:
+        root = Path(tmp)
+        # Generated in a child process: the generator's frames must not count in this process's memory.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            base, long = pool.map(make_video, [root] * 2, [seconds, 4 * seconds], [size] * 2, [fps] * 2, [clips] * 2)
+        video_build(base, root / "warm")  # imports and first-call costs are not the video's
+        b_s, b_frames, b_n, b_peak, b_before = video_build(base, root / "out_base")
+        l_s, l_frames, l_n, l_peak, l_before = video_build(long, root / "out_long")
+    mib = 1024**2
+    print()
+    print(f"long videos: {clips} toyworld clips with 2 scenes each, {size}x{size} px at {fps} fps; "
+          "paired build, one process")
+    for name, sec, s, frames, n, peak, before in (("base", seconds, b_s, b_frames, b_n, b_peak, b_before),
+                                                  ("4x  ", 4 * seconds, l_s, l_frames, l_n, l_peak, l_before)):
+        print(f"{name} {sec:6.0f} s clips: {frames:5d} frames -> {n:2d} pairs in {s:6.1f}s   "
+              f"peak {peak / mib:7.1f} MiB ({(peak - before) / mib:6.1f} MiB above the pre-build level)")
+    print(f"time 4x / 1x        : {l_s / b_s:.2f}   (target <= 4.5)")
+    print(f"peak memory 4x / 1x : {l_peak / b_peak:.2f}   (target <= 1.5; above pre-build: "
+          f"{(l_peak - l_before) / max(b_peak - b_before, 1):.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=960)  # base input; the memory check uses 4x this
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--per-shard", type=int, default=32)  # params.yaml's data.shards.images_per_shard
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--video-seconds", type=float, default=60.0)  # the long-video check uses 4x this
+    ap.add_argument("--video-size", type=int, default=240)
+    ap.add_argument("--video-fps", type=int, default=12)
+    ap.add_argument("--video-clips", type=int, default=2)
+    ap.add_argument("--only", choices=("images", "videos"), default=None)
     args = ap.parse_args()
+    if args.only != "images":
+        video_report(args.video_seconds, args.video_size, args.video_fps, args.video_clips)
+    if args.only == "videos":
+        return
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         root = Path(tmp)
         t = time.perf_counter()

@@ -122,10 +122,13 @@ class VideoConfig:
     max_pair_iou: float = 0.9
     min_pair_quality: float = 0.6
     max_pairs_per_scene: int = 4
+    max_frames_per_scene: int = 32  # kept evenly spread over a scene of any length: linear-time videos
 
     def check(self, path: str) -> None:
         if self.sample_fps <= 0:
             raise ConfigError(f"{path}.sample_fps: must be > 0")
+        _positive(path, max_frames_per_scene=self.max_frames_per_scene,
+                  max_pairs_per_scene=self.max_pairs_per_scene)
 
 
 @dataclass

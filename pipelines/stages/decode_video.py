@@ -1,16 +1,22 @@
-"""Stage 1 (videos): bytes -> frames sampled at a fixed rate, plus a thumbnail of every frame.
+"""Stage 1 (videos): bytes -> per scene, a bounded set of frames sampled evenly over the scene.
 
-Adds `frames` (list of HxWx3 uint8), `frame_indices` (decoded frame number of each sampled frame),
-`frame_times` (seconds), `thumbs` (tiny colour histograms of *all* frames, for cut detection),
-`fps`, `width`, `height` (of the sampled frames after the output size policy, stages/resize.py) and
-`geometry`. Decoding goes through every frame (codecs are sequential); only the sampled
-ones are kept in full.
+Streams the video once: every decoded frame feeds the cut detector (stages/scenes.py); frames are
+offered for sampling at `data.video.sample_fps` by their container timestamps (variable frame rate
+clips included), and each scene keeps at most `data.video.max_frames_per_scene` of them, evenly
+spread (stride doubling). Memory is bounded per scene and the later per-frame stages (annotate,
+filter, track, pairs) do bounded work per scene, so a long video costs time linear in its length.
+
+Adds `frames` (list of HxWx3 uint8, after the output size policy, stages/resize.py),
+`frame_indices` (decoded frame number of each kept frame), `frame_times` (seconds from the first
+frame), `cuts` (frame numbers that start a scene), `fps` (the stream's average rate), `width`,
+`height`, `geometry`.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -19,6 +25,7 @@ from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.config import DecodeConfig, VideoConfig
 from pipelines.stages.decode import Rejected, check_size
 from pipelines.stages.resize import output_geometry
+from pipelines.stages.scenes import CutDetector
 
 HIST_BINS = 4  # per channel: a 64-bin colour histogram per frame
 
@@ -30,12 +37,41 @@ def colour_hist(frame: np.ndarray) -> np.ndarray:
     return h / max(h.sum(), 1.0)
 
 
-def decode_video(data: bytes | None, dcfg: DecodeConfig, sample_fps: float) -> dict:
+@dataclass
+class SceneFrames:
+    """The kept frames of one scene, at most `limit`. Sampling instants are numbered within the
+    scene; one is kept when its number is a multiple of `stride`. When more than `limit` are kept,
+    the stride doubles and the kept frames off the new stride go, so the kept ones stay evenly
+    spread over the whole scene, however long it turns out to be."""
+
+    limit: int
+    stride: int = 1
+    offered: int = 0
+    kept: list[tuple[int, int, float, np.ndarray]] = field(default_factory=list)  # (instant, index, t, frame)
+
+    def offer(self, index: int, t: float, frame: Callable[[], np.ndarray]) -> None:
+        instant, self.offered = self.offered, self.offered + 1
+        if instant % self.stride:
+            return
+        self.kept.append((instant, index, t, frame()))
+        if len(self.kept) > self.limit:
+            self.stride *= 2
+            self.kept = [k for k in self.kept if k[0] % self.stride == 0]
+
+
+def _frame_time(frame: av.VideoFrame, n: int, fps: float) -> float:
+    # Container timestamps: right for variable frame rates, where n / fps drifts.
+    return float(frame.time) if frame.time is not None else n / fps
+
+
+def decode_video(data: bytes | None, dcfg: DecodeConfig, vcfg: VideoConfig) -> dict:
     if data is None:
         raise Rejected("read_error")
     if len(data) == 0:
         raise Rejected("empty_file")
-    frames, indices, times, thumbs = [], [], [], []
+    cuts: list[int] = []
+    scenes = [SceneFrames(vcfg.max_frames_per_scene)]
+    detector = CutDetector(vcfg.cut_threshold)
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -44,27 +80,33 @@ def decode_video(data: bytes | None, dcfg: DecodeConfig, sample_fps: float) -> d
             check_size(stream.codec_context.width, stream.codec_context.height, dcfg)
             geometry = output_geometry(stream.codec_context.width, stream.codec_context.height, dcfg)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            next_t = 0.0
+            start, next_t = None, 0.0
             for n, frame in enumerate(container.decode(stream)):
                 if n >= dcfg.max_video_frames:
                     raise Rejected("too_long")
                 arr = frame.to_ndarray(format="rgb24")
-                thumbs.append(colour_hist(arr))
-                # Timestamps from the frame count: containers disagree on start offsets, counts do not.
-                t = n / fps
+                if detector.is_cut(colour_hist(arr)):
+                    cuts.append(n)
+                    scenes.append(SceneFrames(vcfg.max_frames_per_scene))
+                # Times from the first frame: containers disagree on start offsets.
+                t = _frame_time(frame, n, fps)
+                start = t if start is None else start
+                t -= start
                 if t + 1e-6 >= next_t:
-                    frames.append(geometry.image(arr))
-                    indices.append(n)
-                    times.append(t)
-                    next_t += 1.0 / sample_fps
+                    scenes[-1].offer(n, round(t, 6), lambda arr=arr: geometry.image(arr))
+                    while next_t <= t + 1e-6:
+                        next_t += 1.0 / vcfg.sample_fps
     except Rejected:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
         raise Rejected("undecodable_video") from err
-    if not frames:
+    kept = [k for scene in scenes for k in scene.kept]
+    if not kept:
         raise Rejected("empty_video")
-    return {"frames": frames, "frame_indices": indices, "frame_times": times, "thumbs": np.stack(thumbs),
-            "fps": fps, "width": frames[0].shape[1], "height": frames[0].shape[0], "geometry": geometry}
+    frames = [k[3] for k in kept]
+    return {"frames": frames, "frame_indices": [k[1] for k in kept], "frame_times": [k[2] for k in kept],
+            "cuts": cuts, "fps": fps, "width": frames[0].shape[1], "height": frames[0].shape[0],
+            "geometry": geometry}
 
 
 @dataclass
@@ -73,17 +115,21 @@ class DecodeVideos:
     video: VideoConfig
 
     def __call__(self, batch: Batch) -> Batch:
-        cols = ("frames", "frame_indices", "frame_times", "thumbs", "fps", "width", "height", "geometry")
+        cols = ("frames", "frame_indices", "frame_times", "cuts", "fps", "width", "height", "geometry")
         for col in cols:
             ensure_column(batch, col)
         ensure_column(batch, "reject")
         for i in list(live_rows(batch)):
             try:
-                out = decode_video(batch["data"][i], self.decode, self.video.sample_fps)
+                out = decode_video(batch["data"][i], self.decode, self.video)
             except Rejected as r:
                 reject(batch, i, r.reason)
                 continue
             for col in cols:
                 batch[col][i] = out[col]
             batch["data"][i] = None
+            given = batch.get("frame_annotations")
+            if given and given[i]:  # only the kept frames' annotations are needed from here on
+                keep = set(out["frame_indices"])
+                given[i] = {n: anns for n, anns in given[i].items() if n in keep}
         return batch

@@ -1,17 +1,24 @@
 """Stage 5: paired samples from videos. Reference from frame A, target frame B, same scene.
 
-Per scene: track instances (stages/track.py), then consider frame pairs (A, B) at least `min_gap_s`
-apart. A pair is kept only if every subject of B has a partner in A on the same track whose mask IoU
-with it is at most `max_pair_iou` (enough change) and whose match score (weakest track link, and
-direct appearance similarity of the two instances) is at least `min_pair_quality`.
-Best pairs first (more subjects, higher quality, larger gap); each frame is a target at most once.
-Adds `samples` (list of sample rows) and `dropped` (reasons for discarded candidates) to video rows.
+Per scene (at most `max_frames_per_scene` frames, stages/decode_video.py): track instances
+(stages/track.py), then sample candidate pairs by time gap: the allowed gaps (`min_gap_s` up to the
+scene's length) are split into `max_pairs_per_scene` equal bins, and each target frame B is tried
+with the one frame A whose gap is nearest each bin's centre, so the work per scene is bounded
+(frames x bins, not frames squared) and the kept pairs spread over the gaps instead of crowding at
+the smallest. A pair is kept only if every subject of B has a partner in A on the same track whose
+mask IoU with it is at most `max_pair_iou` (enough change) and whose match score (weakest track
+link, and direct appearance similarity of the two instances) is at least `min_pair_quality`.
+Selection takes the bins in turn, best pair of each first (more subjects, higher quality); each
+frame is a target at most once. Adds `samples` (list of sample rows) and `dropped` (reasons for
+discarded candidates) to video rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pipelines.batch import Batch, ensure_column, live_rows, reject
 from pipelines.config import RefsConfig, VideoConfig
@@ -20,8 +27,10 @@ from pipelines.stages.refs import crop_reference
 from pipelines.stages.track import appearance, chain_confidence, similarity, track_scene
 
 
-def pair_candidate(a: int, b: int, tracks, subjects, images, cfg: VideoConfig) -> tuple[list[dict], str | None]:
-    """Per-subject pairing of target frame b with reference frame a, or the reason it fails."""
+def pair_candidate(a: int, b: int, tracks, subjects, images, cfg: VideoConfig,
+                   desc: dict[tuple[int, int], np.ndarray] | None = None) -> tuple[list[dict], str | None]:
+    """Per-subject pairing of target frame b with reference frame a, or the reason it fails.
+    `desc`: appearances by (frame slot, subject), as track_scene computed them."""
     by_b = {tr.members[b]: tr for tr in tracks if b in tr.members}
     if not subjects[b]:
         return [], "empty_target"
@@ -34,7 +43,9 @@ def pair_candidate(a: int, b: int, tracks, subjects, images, cfg: VideoConfig) -
         iou = mask_iou(ref["mask"], s["mask"])
         if iou > cfg.max_pair_iou:
             return [], "too_similar"
-        direct = similarity(appearance(images[a], ref["mask"]), appearance(images[b], s["mask"]))
+        da = desc[(a, tr.members[a])] if desc else appearance(images[a], ref["mask"])
+        db = desc[(b, j)] if desc else appearance(images[b], s["mask"])
+        direct = similarity(da, db)
         score = min(chain_confidence(tr, a, b), direct)
         if score < cfg.min_pair_quality:
             return [], "low_match_score"
@@ -86,28 +97,58 @@ class MakePairs:
         rejects = row.get("frame_rejects") or [None] * len(row["frames"])
         # A frame the filter rejected (too many subjects, too small, ...) is no target and no reference.
         subjects = [(s or []) if r is None else [] for s, r in zip(row["subjects"], rejects, strict=True)]
+        times = row["frame_times"]
         samples, dropped = [], []
         for scene in sorted(set(row["scene_ids"])):
             slots = [k for k, sid in enumerate(row["scene_ids"]) if sid == scene]
-            tracks = track_scene(slots, subjects, row["frames"], self.video)
-            candidates = []
+            desc: dict[tuple[int, int], np.ndarray] = {}
+            tracks = track_scene(slots, subjects, row["frames"], self.video, desc, times)
+            bins = gap_bins(self.video.min_gap_s, times[slots[-1]] - times[slots[0]], self.video.max_pairs_per_scene)
+            per_bin: list[list[tuple]] = [[] for _ in bins]
             for b in slots:
-                for a in slots:
-                    if a == b or abs(row["frame_times"][b] - row["frame_times"][a]) + 1e-9 < self.video.min_gap_s:
-                        continue
-                    matched, why = pair_candidate(a, b, tracks, subjects, row["frames"], self.video)
+                for n, a in nearest_per_bin(b, slots, times, bins):
+                    matched, why = pair_candidate(a, b, tracks, subjects, row["frames"], self.video, desc)
                     if why:
                         dropped.append(f"pair_{why}")
                         continue
-                    quality = min(m["match_score"] for m in matched)
-                    gap = abs(row["frame_times"][b] - row["frame_times"][a])
-                    candidates.append((-len(matched), -quality, -gap, a, b, matched))
-            used_targets: set[int] = set()
-            taken = 0
-            for *_, a, b, matched in sorted(candidates, key=lambda c: c[:5]):
-                if b in used_targets or taken >= self.video.max_pairs_per_scene:
-                    continue
-                used_targets.add(b)
-                taken += 1
+                    per_bin[n].append((-len(matched), -min(m["match_score"] for m in matched), a, b, matched))
+            for a, b, matched in take_spread(per_bin, self.video.max_pairs_per_scene):
                 samples.append(make_sample(row, a, b, matched, self.refs))
         return samples, dropped
+
+
+def gap_bins(min_gap: float, span: float, n: int) -> list[tuple[float, float]]:
+    """`n` equal bins of the allowed gaps, [min_gap, span]; none when the scene is shorter than min_gap."""
+    if span + 1e-9 < min_gap:
+        return []
+    width = (span - min_gap) / n
+    return [(min_gap + i * width, min_gap + (i + 1) * width) for i in range(n)]
+
+
+def nearest_per_bin(b: int, slots: list[int], times: list[float], bins: list[tuple[float, float]]
+                    ) -> list[tuple[int, int]]:
+    """(bin, reference slot a): per bin, the a (before or after b) whose gap to b is nearest the bin's centre."""
+    out = []
+    for n, (lo, hi) in enumerate(bins):
+        centre = (lo + hi) / 2
+        inside = [a for a in slots if a != b and lo - 1e-9 <= abs(times[a] - times[b]) <= hi + 1e-9]
+        if inside:
+            out.append((n, min(inside, key=lambda a: (abs(abs(times[a] - times[b]) - centre), a))))
+    return out
+
+
+def take_spread(per_bin: list[list[tuple]], limit: int) -> list[tuple[int, int, list[dict]]]:
+    """Up to `limit` pairs (a, b, matched), taking the bins in turn, each bin's best first (more
+    subjects, higher quality); a frame is the target of one pair at most."""
+    queues = [sorted(c, key=lambda c: c[:4]) for c in per_bin]
+    used: set[int] = set()
+    taken: list[tuple[int, int, list[dict]]] = []
+    while len(taken) < limit and any(queues):
+        for q in queues:
+            while q and q[0][3] in used:
+                q.pop(0)
+            if q and len(taken) < limit:
+                *_, a, b, matched = q.pop(0)
+                used.add(b)
+                taken.append((a, b, matched))
+    return taken

@@ -1,12 +1,13 @@
-"""Scene-cut detection: a cut where the colour histograms of consecutive frames differ a lot.
+"""Scene cuts: a cut where the colour histograms of consecutive frames differ a lot.
 
-Uses the histograms of every decoded frame (not just the sampled ones), so a cut between two
-samples is still found. Adds `scene_ids` (one per sampled frame) and `cuts` (frame indices).
+The decoder (stages/decode_video.py) runs `CutDetector` on every decoded frame while it streams the
+video (not just on the sampled ones, so a cut between two samples is still found) and records
+`cuts`; `DetectScenes` labels each sampled frame with its scene (`scene_ids`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,12 +15,28 @@ from pipelines.batch import Batch, ensure_column, live_rows
 from pipelines.config import VideoConfig
 
 
+def hist_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance of two normalised histograms: 0 (same) .. 1 (disjoint)."""
+    return float(0.5 * np.abs(a - b).sum())
+
+
+@dataclass
+class CutDetector:
+    """Online: fed one frame histogram at a time, says whether that frame starts a new scene."""
+
+    threshold: float
+    _prev: np.ndarray | None = field(default=None, repr=False)
+
+    def is_cut(self, hist: np.ndarray) -> bool:
+        cut = self._prev is not None and hist_distance(self._prev, hist) > self.threshold
+        self._prev = hist
+        return cut
+
+
 def find_cuts(thumbs: np.ndarray, threshold: float) -> list[int]:
-    """Frame indices that start a new scene (total-variation distance of histograms > threshold)."""
-    if len(thumbs) < 2:
-        return []
-    dist = 0.5 * np.abs(np.diff(thumbs, axis=0)).sum(axis=1)
-    return [int(i) + 1 for i in np.flatnonzero(dist > threshold)]
+    """Frame indices that start a new scene, over a stack of per-frame histograms."""
+    detector = CutDetector(threshold)
+    return [i for i, h in enumerate(thumbs) if detector.is_cut(h)]
 
 
 @dataclass
@@ -28,10 +45,7 @@ class DetectScenes:
 
     def __call__(self, batch: Batch) -> Batch:
         ensure_column(batch, "scene_ids")
-        ensure_column(batch, "cuts")
         for i in live_rows(batch):
-            cuts = find_cuts(batch["thumbs"][i], self.cfg.cut_threshold)
-            batch["cuts"][i] = cuts
+            cuts = batch["cuts"][i]
             batch["scene_ids"][i] = [int(np.searchsorted(cuts, f, side="right")) for f in batch["frame_indices"][i]]
-            batch["thumbs"][i] = None  # only needed here
         return batch

@@ -1,7 +1,8 @@
 """Instance matching across the sampled frames of one scene: mask-IoU tracking plus appearance.
 
 A detection joins the track whose last member it matches best, where
-  link = iou_weight * IoU(masks) + (1 - iou_weight) * appearance similarity,
+  link = iou_weight * IoU(masks) + (1 - iou_weight) * appearance similarity
+(appearance alone between frames far apart in time, see track_scene),
 accepted when link >= min_link_score and appearance >= min_appearance (greedy, best links first).
 Appearance carries the match when motion between samples leaves little overlap; IoU separates
 look-alikes that stay apart.
@@ -39,23 +40,31 @@ class Track:
     last: int = -1
 
 
-def track_scene(slots: list[int], subjects: list[list[dict]], images: list[np.ndarray], cfg: VideoConfig
+def track_scene(slots: list[int], subjects: list[list[dict]], images: list[np.ndarray], cfg: VideoConfig,
+                desc: dict[tuple[int, int], np.ndarray] | None = None, times: list[float] | None = None
                 ) -> list[Track]:
-    """Tracks over the frame `slots` of one scene (in time order); `subjects[k]` are frame k's instances."""
+    """Tracks over the frame `slots` of one scene (in time order); `subjects[k]` are frame k's instances.
+    `desc`, when given, is filled with the appearance of every (frame slot, subject) for reuse.
+    `times` (seconds, by slot): two frames further apart than the sampling allows for
+    (`(max_missed_frames + 1) / sample_fps`: a long scene's frames, thinned by the decoder) are linked
+    by appearance alone, since their subjects have moved too far for mask overlap to mean anything."""
     tracks: list[Track] = []
-    desc: dict[tuple[int, int], np.ndarray] = {}
+    desc = {} if desc is None else desc
+    position = {k: pos for pos, k in enumerate(slots)}
+    near_s = (cfg.max_missed_frames + 1) / cfg.sample_fps + 1e-6
     for pos, k in enumerate(slots):
         for j, s in enumerate(subjects[k]):
             desc[(k, j)] = appearance(images[k], s["mask"])
         candidates = []
         for t, tr in enumerate(tracks):
-            gap = pos - slots.index(tr.last) - 1
+            gap = pos - position[tr.last] - 1
             if gap > cfg.max_missed_frames:
                 continue
             prev = subjects[tr.last][tr.members[tr.last]]
+            iou_weight = cfg.iou_weight if times is None or times[k] - times[tr.last] <= near_s else 0.0
             for j, s in enumerate(subjects[k]):
                 app = similarity(desc[(tr.last, tr.members[tr.last])], desc[(k, j)])
-                link = cfg.iou_weight * mask_iou(prev["mask"], s["mask"]) + (1 - cfg.iou_weight) * app
+                link = iou_weight * mask_iou(prev["mask"], s["mask"]) + (1 - iou_weight) * app
                 if app >= cfg.min_appearance and link >= cfg.min_link_score:
                     candidates.append((link, t, j))
         used_t, used_j = set(), set()
