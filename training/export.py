@@ -33,9 +33,14 @@ def module_from_checkpoint(path: str | Path) -> tuple[AnyStoryModule, dict]:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    # An export can take minutes (an SDXL base is built, a toy base written): say what it is doing.
+    print(f"reading {ckpt} and building its model (the frozen base included)", flush=True)
     module, checkpoint = module_from_checkpoint(ckpt)
     embed = not module.hparams.weights  # a real SDXL base is referenced, a toy or random one embedded
     metadata = {"stage": module.stage, "global_step": int(checkpoint["global_step"]), "checkpoint": str(ckpt)}
+    weights = sum(p.numel() for p in module.model.adapter_state_dict().values())
+    print(f"stage {module.stage} at step {metadata['global_step']}: writing {weights / 1e6:.1f} M AnyStory parameters"
+          f"{' and the base (under base/)' if embed else ''} to {out}", flush=True)
     return save_export(module.model, out, components=module.components if embed else None,
                        dtype=getattr(torch, dtype) if dtype else None, metadata=metadata)
 
