@@ -106,8 +106,9 @@ class AutoAnnotateConfig:
             out["tiny_sam"]["encoder_global_attn_indexes"] = list(out["tiny_sam"]["encoder_global_attn_indexes"])
         return out
 
-    def validate(self) -> None:
-        """Fail before any work starts, naming the offending key (and path)."""
+    def validate(self, check_files: bool = True) -> None:
+        """Fail before any work starts, naming the offending key (and path). `check_files=False`: the
+        values only, for models handed to AutoAnnotator ready-made (no checkpoint files)."""
         for key in ("gdino_config", "gdino_checkpoint", "gdino_text_encoder", "sam_model_type", "sam_checkpoint"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ValueError(f"auto annotation needs '{key}' (got {getattr(self, key)!r})")
@@ -130,6 +131,8 @@ class AutoAnnotateConfig:
         if self.mask_box_margin is not None and (not number(self.mask_box_margin) or self.mask_box_margin < 0):
             raise ValueError(f"'mask_box_margin' must be a number >= 0 or None, got {self.mask_box_margin!r}")
         torch.device(self.device)  # raises on a malformed device string
+        if not check_files:
+            return
         missing = [
             f"{key}={getattr(self, key)} ({kind} not found)"
             for key, kind, exists in (
@@ -327,6 +330,24 @@ def build_groundingdino(config: AutoAnnotateConfig) -> torch.nn.Module:
     return build_model(args)
 
 
+def build_sam(config: AutoAnnotateConfig) -> torch.nn.Module:
+    """SAM of `sam_model_type` (or the tiny sizes), randomly initialised."""
+    from segment_anything import sam_model_registry
+
+    if config.tiny_sam is not None:
+        return build_tiny_sam(config.tiny_sam)
+    return sam_model_registry[config.sam_model_type](checkpoint=None)
+
+
+def build_models(config: AutoAnnotateConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """GroundingDINO and SAM with the config's checkpoints loaded (strictly: every key must match)."""
+    gdino = build_groundingdino(config)
+    load_weights(gdino, config.gdino_checkpoint, ignored_keys=_GDINO_IGNORED_KEYS)
+    sam = build_sam(config)
+    load_weights(sam, config.sam_checkpoint)
+    return gdino, sam
+
+
 def _check_image(image: Any, min_side: int) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"bad_image: {type(image).__name__}, expected a numpy array")
@@ -367,24 +388,21 @@ class _Detection:
 class AutoAnnotator:
     """Batch stage: `subjects` from GroundingDINO boxes + SAM masks. Models load once, from local files."""
 
-    def __init__(self, config: AutoAnnotateConfig) -> None:
-        config.validate()
+    def __init__(self, config: AutoAnnotateConfig,
+                 models: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
+        """`models`: (GroundingDINO, Sam) to use as they are, instead of building them and loading the
+        config's checkpoints (benchmarks/annotate.py: random weights at the real architectures)."""
+        config.validate(check_files=models is None)
         from groundingdino.util.misc import nested_tensor_from_tensor_list
-        from segment_anything import SamPredictor, sam_model_registry
+        from segment_anything import SamPredictor
 
         self.config = config
         self.device = torch.device(config.device)
         self._nested = nested_tensor_from_tensor_list
-        self.gdino = build_groundingdino(config)
-        load_weights(self.gdino, config.gdino_checkpoint, ignored_keys=_GDINO_IGNORED_KEYS)
+        self.gdino, sam = models if models is not None else build_models(config)
         self.gdino.eval().to(self.device)
         if not self.gdino.tokenizer.is_fast:
             raise ValueError(f"gdino_text_encoder={config.gdino_text_encoder} needs a fast tokenizer (tokenizer.json)")
-        if config.tiny_sam is not None:
-            sam = build_tiny_sam(config.tiny_sam)
-        else:
-            sam = sam_model_registry[config.sam_model_type](checkpoint=None)
-        load_weights(sam, config.sam_checkpoint)
         self.sam = SamPredictor(sam.eval().to(self.device))
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:

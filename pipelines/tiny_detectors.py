@@ -54,16 +54,27 @@ def _write_gdino_config(path: Path, text_encoder: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_text_encoder(text_dir: Path, sizes: dict[str, int] | None = None) -> None:
+    """A BERT text encoder for GroundingDINO in `text_dir`: the small word-piece vocabulary above, a fast
+    tokenizer, and random weights of `sizes` (BertConfig fields; None: bert-base-uncased's sizes, the
+    real encoder's cost, with the embedding table of its 30522-token vocabulary). Seed the RNG first."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    text_dir.mkdir(parents=True, exist_ok=True)
+    (text_dir / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(text_dir / "vocab.txt"), do_lower_case=True, model_max_length=256)
+    tokenizer.save_pretrained(text_dir)
+    config = BertConfig(vocab_size=len(_vocab()), **sizes) if sizes is not None else BertConfig()
+    BertModel(config, add_pooling_layer=True).save_pretrained(text_dir)
+
+
 def write_tiny_detectors(out_dir: Path, seed: int = 0) -> AutoAnnotateConfig:
     """Write tiny GroundingDINO (config, weights, BERT dir) and tiny SAM weights; return a config for them.
 
     Same seed, same bytes of weights. The global torch RNG is left as it was.
     """
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     out_dir = Path(out_dir)
     text_dir = out_dir / "gdino_text_encoder"
-    text_dir.mkdir(parents=True, exist_ok=True)
     config = AutoAnnotateConfig(
         gdino_config=str(out_dir / "gdino_tiny.py"),
         gdino_checkpoint=str(out_dir / "gdino_tiny.pth"),
@@ -74,14 +85,10 @@ def write_tiny_detectors(out_dir: Path, seed: int = 0) -> AutoAnnotateConfig:
         gdino_max_image_size=448,
         tiny_sam=TinySamSizes(),
     )
-    (text_dir / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(text_dir / "vocab.txt"), do_lower_case=True, model_max_length=256)
-    tokenizer.save_pretrained(text_dir)
-    _write_gdino_config(Path(config.gdino_config), text_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bert = BertModel(BertConfig(vocab_size=len(_vocab()), **_BERT_SIZES), add_pooling_layer=True)
-        bert.save_pretrained(text_dir)
+        write_text_encoder(text_dir, _BERT_SIZES)
+        _write_gdino_config(Path(config.gdino_config), text_dir)
         gdino = build_groundingdino(config)
         torch.save({"model": gdino.state_dict()}, config.gdino_checkpoint)
         torch.save(build_tiny_sam(config.tiny_sam).state_dict(), config.sam_checkpoint)

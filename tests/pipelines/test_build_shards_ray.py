@@ -81,7 +81,7 @@ def test_sigkilled_build_resumes_to_the_same_shards(tmp_path):
     assert reference.planned == planned
     assert shard_digest(folder) == shard_digest(tmp_path / "ref" / "unpaired")
     names = sorted(os.listdir(folder))
-    assert names == sorted([f"{n:06d}.tar" for n in range(planned)] + [f"{n:06d}.stats.json" for n in range(planned)])
+    assert names == sorted(f"{n:06d}.{ext}" for n in range(planned) for ext in ("tar", "status.parquet", "stats.json"))
     keys = [s["__key__"] for s in read_samples(folder)]
     assert len(keys) == len(set(keys)) == reference.totals()["samples"]
     for n in range(planned):  # the tars themselves are byte-identical too
