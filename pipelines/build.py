@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import PIPELINE_VERSION, ConfigError, DataConfig, params_hash
+from pipelines.near_dupes import mark_near_duplicates
 from pipelines.runner import Group, make_groups, run_local
 from pipelines.shards.storage import ShardStore, shard_files
 from pipelines.sources import build_source
@@ -199,6 +200,7 @@ def run_build(cfg: DataConfig, kind: str, out_url: str, runner: str = "ray",
     start = time.perf_counter()
     out = posixpath.join(out_url.rstrip("/"), kind)
     specs = plan_shards(cfg, kind) if specs is None else specs  # plan errors stop us before any write
+    specs = mark_near_duplicates(cfg, kind, specs, out)  # across the whole build, so before any shard
     store = ShardStore(out)
     staging = store.staging()
     published, staged = store.done(), staging.done()

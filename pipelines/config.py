@@ -82,6 +82,23 @@ class AnnotateConfig:
 
 
 @dataclass
+class ScoreFilterConfig:
+    """A score hook (pipelines/stages/scores.py): rows scoring below `min_score` are rejected as low_<name>."""
+
+    name: str
+    scorer: str  # package.module:Class, called on (images, captions) -> one score per image
+    min_score: float
+    args: dict[str, Any] = field(default_factory=dict)  # the class's constructor arguments
+
+    def check(self, path: str) -> None:
+        from pipelines.stages.scores import resolve_scorer  # imports the user's module: only when used
+
+        if not re.fullmatch(r"[a-z0-9_]+", self.name):
+            raise ConfigError(f"{path}.name: {self.name!r} must be lower-case letters, digits or _")
+        resolve_scorer(self.scorer, f"{path}.scorer")
+
+
+@dataclass
 class FilterConfig:
     min_score: float = 0.3
     min_area_frac: float = 0.02
@@ -95,6 +112,10 @@ class FilterConfig:
     min_image_side: int = 64
     max_image_aspect: float = 3.0
     dedupe: bool = True
+    # Perceptual-hash near-duplicates across the whole build (pipelines/near_dupes.py): at most this
+    # many of 64 bits apart is a duplicate of the earlier image. null: off.
+    near_dupe_max_distance: int | None = None
+    score_filters: list[ScoreFilterConfig] = field(default_factory=list)
 
     def check(self, path: str) -> None:
         _positive(path, min_subjects=self.min_subjects, max_subjects=self.max_subjects)
@@ -102,6 +123,10 @@ class FilterConfig:
             raise ConfigError(f"{path}.min_subjects: larger than max_subjects")
         if not 0 <= self.min_area_frac <= self.max_area_frac <= 1:
             raise ConfigError(f"{path}.min_area_frac: need 0 <= min_area_frac <= max_area_frac <= 1")
+        if self.near_dupe_max_distance is not None and not 0 <= self.near_dupe_max_distance < 32:
+            raise ConfigError(f"{path}.near_dupe_max_distance: must be 0..31 bits (or null: off)")
+        if len({f.name for f in self.score_filters}) < len(self.score_filters):
+            raise ConfigError(f"{path}.score_filters: names must be unique (they name the rejections)")
 
 
 @dataclass

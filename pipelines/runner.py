@@ -21,11 +21,12 @@ from pipelines.stages.auto import AutoAnnotate
 from pipelines.stages.decode import DecodeImages
 from pipelines.stages.decode_video import DecodeVideos
 from pipelines.stages.encode import EncodeSamples
-from pipelines.stages.filter import DropDuplicates, FilterSubjects
+from pipelines.stages.filter import DropDuplicates, DropNearDuplicates, FilterSubjects
 from pipelines.stages.frames import frames_to_images, images_to_frames
 from pipelines.stages.pairs import MakePairs
 from pipelines.stages.refs import CutReferences
 from pipelines.stages.scenes import DetectScenes
+from pipelines.stages.scores import ScoreImages
 
 Payload = dict[str, Any]
 
@@ -91,6 +92,9 @@ class Group:
             "decode": lambda: DecodeVideos(cfg.decode, cfg.video) if video else DecodeImages(cfg.decode),
             "scenes": lambda: DetectScenes(cfg.video),
             "dedupe": lambda: DropDuplicates(cfg.filter.dedupe),
+            "near_dupes": lambda: DropNearDuplicates(frozenset(spec.get("near_duplicates") or ())),
+            "score": lambda: (OnFrames(ScoreImages(cfg.filter.score_filters), ("scores",)) if video
+                              else ScoreImages(cfg.filter.score_filters)),
             "annotate_given": lambda: OnFrames(AnnotateGiven()) if video else AnnotateGiven(),
             "annotate_auto": lambda: (
                 OnFrames(AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size),
@@ -128,12 +132,13 @@ class Group:
 
 def make_groups(cfg: DataConfig, kind: str, out_url: str) -> list[Group]:
     auto = cfg.annotate.mode == "auto"
+    score = ["score"] if cfg.filter.score_filters else []
     if kind == "unpaired":
-        first = ["read", "decode", "dedupe"] + ([] if auto else ["annotate_given"])
-        last = ["filter", "refs", "encode", "write"]
+        first = ["read", "decode", "dedupe", "near_dupes"] + ([] if auto else ["annotate_given"])
+        last = ["filter", *score, "refs", "encode", "write"]
     else:
         first = ["read", "decode", "scenes"] + ([] if auto else ["annotate_given"])
-        last = ["filter", "pairs", "encode", "write"]
+        last = ["filter", *score, "pairs", "encode", "write"]
     if not auto:
         return [Group("build", cfg, kind, out_url, first + last)]
     a = cfg.annotate.auto

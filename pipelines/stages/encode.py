@@ -67,6 +67,8 @@ def sample_members(sample: dict[str, Any], source: str, kind: str, params_hash: 
     }
     geometry = sample.get("geometry") or identity_geometry(w, h)
     meta.update(geometry.json_fields())
+    if sample.get("scores"):  # score filters' values (stages/scores.py)
+        meta["quality"]["scores"] = sample["scores"]
     meta.update({k: sample[k] for k in PAIR_META if k in sample})
     members[JSON] = json.dumps(meta, sort_keys=True).encode()
     return members
@@ -86,7 +88,8 @@ class EncodeSamples:
                 samples = batch["samples"][i]
             else:
                 samples = [{k: batch[k][i] if k in batch else None
-                            for k in ("image", "caption", "subjects", "source_id", "passthrough", "geometry")}]
+                            for k in ("image", "caption", "subjects", "source_id", "passthrough", "geometry",
+                                      "scores")}]
             batch["members"][i] = [sample_members(s, self.source, self.kind, self.params_hash, self.cfg)
                                    for s in samples]
             # Pixels are encoded now: free them before the shard is written.

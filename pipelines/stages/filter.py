@@ -106,3 +106,18 @@ class DropDuplicates:
             else:
                 self.seen.add(digest)
         return batch
+
+
+@dataclass
+class DropNearDuplicates:
+    """Rows the build's near-duplicate pass (pipelines/near_dupes.py) listed for this shard, by source id."""
+
+    listed: frozenset[str] = frozenset()
+
+    def __call__(self, batch: Batch) -> Batch:
+        if not self.listed:
+            return batch
+        for i in list(live_rows(batch)):
+            if batch["source_id"][i] in self.listed:
+                reject(batch, i, "near_duplicate")
+        return batch

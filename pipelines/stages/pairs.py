@@ -69,7 +69,7 @@ def make_sample(video: dict[str, Any], a: int, b: int, matched: list[dict], refs
         "source_id": f"{video['source_id']}#{video['frame_indices'][b]}",
         "frame_a": video["frame_indices"][a], "frame_b": video["frame_indices"][b],
         "time_gap_s": round(abs(tb - ta), 4), "pair_quality": round(min(m["match_score"] for m in matched), 4),
-        "geometry": video.get("geometry"),
+        "geometry": video.get("geometry"), "scores": video["scores"][b] if video.get("scores") else None,
     }
 
 
