@@ -26,7 +26,10 @@ def auto_params(tmp_path, toy_dir, model: dict) -> dict:
     (images / "captions.jsonl").write_text("\n".join(lines) + "\n")
     videos = tmp_path / "videos"
     videos.mkdir()
-    shutil.copy(f"{toy_dir}/videos/clip_0001.mp4", videos / "clip_0001.mp4")  # no sidecar: nothing given
+    shutil.copy(f"{toy_dir}/videos/clip_0001.mp4", videos / "clip_0001.mp4")
+    # A sidecar with the caption only: the prompt for the detector, no given masks.
+    caption = json.loads(open(f"{toy_dir}/videos/clip_0001.json").read())["caption"]
+    (videos / "clip_0001.json").write_text(json.dumps({"caption": caption}))
     params = toy_params(toy_dir, tmp_path / "out")
     data = params["data"]
     data["sources"] = {"unpaired": [{"type": "image_folder", "name": "folder", "path": str(images)}],
