@@ -38,9 +38,9 @@ def resume_checkpoint(trainer: Trainer, ckpt_path: str | None) -> str | None:
             raise CheckpointError(f"--ckpt_path {path}: no such file")
         try:  # mmap: reads the archive's index and pickles, not the tensors' bytes
             torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-        except Exception as err:  # noqa: BLE001 -- any failure here means "cannot resume from it"
+        except Exception as err:  # any failure here means "cannot resume from it"
             raise CheckpointError(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else 'no detail'}); nothing was changed")
+                                  f"{str(err).splitlines()[0] if str(err) else 'no detail'}); nothing was changed") from None
     for logger in trainer.loggers:
         if isinstance(logger, ResumableWandbLogger):
             logger.continue_run()

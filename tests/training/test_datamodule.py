@@ -8,10 +8,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from tests.training.shards import write_shards
 from training.data.augment import AugmentConfig, augment_reference
 from training.data.datamodule import ShardDataModule, UnreadableShards, list_shards
 from training.data.sample import DecodeSample, SampleConfig
-from tests.training.shards import write_shards
 
 SAMPLE = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=2)
 

@@ -87,6 +87,15 @@ class RejectCounter:
         return out
 
 
+class ErrorNames(list):
+    """webdataset error handler: notes the error's type name and goes on with the rest of the
+    shard, or the next one."""
+
+    def __call__(self, exn: Exception) -> bool:
+        self.append(type(exn).__name__)
+        return True
+
+
 @dataclass
 class ReadShards:
     """Pipeline stage: shard URLs -> raw samples, one shard at a time, so that each shard's outcome
@@ -110,15 +119,10 @@ class ReadShards:
         fruitless, failed = 0, {}  # reads in a row without a sample; the last error of each such shard
         for source in sources:
             url = source["url"]
-            errors: list[str] = []
-
-            def note(exn: Exception) -> bool:
-                errors.append(type(exn).__name__)
-                return True  # go on with the rest of the shard, or the next one
-
+            errors = ErrorNames()
             seen = 0
             # A consumer that stops mid-shard (end of an epoch) never reaches the accounting below.
-            for sample in wds.tarfile_samples([{"url": url}], handler=note):
+            for sample in wds.tarfile_samples([{"url": url}], handler=errors):
                 seen += 1
                 yield sample
             expected = self._expected(url)
