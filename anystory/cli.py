@@ -213,7 +213,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from anystory.export import ExportMismatchError, load_export
     from anystory.pipeline import AnyStoryPipeline
-    from anystory.visualize import routing_panel
+    from anystory.visualize import cutout, routing_panel
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     try:
@@ -239,7 +239,8 @@ def generate(args: argparse.Namespace) -> int:
     outputs = {args.out: result.images[0]}
     if args.routing_maps is not None:
         steps = [(timestep, maps) for _, timestep, maps in result.routing]
-        outputs[args.routing_maps] = routing_panel(result.images[0], steps, references=[s[0] for s in subjects])
+        references = [cutout(image, mask) for image, mask in subjects]
+        outputs[args.routing_maps] = routing_panel(result.images[0], steps, references=references)
     write_images(outputs)
     return 0
 

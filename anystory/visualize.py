@@ -62,24 +62,37 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def legend(references: list[Image.Image] | None, n: int, tile: int) -> Image.Image:
+def cutout(image: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+    """The reference as the model sees it: RGBA with the mask (or the image's own alpha) as alpha."""
+    out = image.convert("RGBA")
+    if mask is not None:
+        out.putalpha(mask.convert("L").resize(out.size, Image.NEAREST))
+    return out
+
+
+def _on_white(image: Image.Image, size: int) -> Image.Image:
+    rgba = ImageOps.pad(image.convert("RGBA"), (size, size), color=(255, 255, 255, 0))
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+
+
+def legend(references: list[Image.Image | None] | None, n: int, tile: int) -> Image.Image:
     """One entry per subject: its colour as a frame around its reference's thumbnail (a plain
-    swatch without references) and its number; then the background's entry."""
+    swatch without references) and its number; then the background's (dimmed in the tiles).
+    With `references`, a None entry is an empty subject slot (padding) and has no entry."""
     font = _font(12)
     colours = palette(n).astype(np.uint8)
-    strip = Image.new("RGB", (LABEL_WIDTH + (n + 1) * tile, tile + 18), BACKGROUND)
+    shown = [k for k in range(n) if references is None or references[k] is not None]
+    strip = Image.new("RGB", (LABEL_WIDTH + (len(shown) + 1) * tile, tile + 18), BACKGROUND)
     draw = ImageDraw.Draw(strip)
     draw.text((4, tile // 2), "routes", fill=TEXT, font=font)
     frame, inner = 6, tile - 16
-    for k in range(n + 1):
-        x0 = LABEL_WIDTH + k * tile + 4
-        colour = tuple(int(c) for c in colours[k]) if k < n else (128, 128, 128)
+    for slot, k in enumerate([*shown, None]):
+        x0 = LABEL_WIDTH + slot * tile + 4
+        colour = tuple(int(c) for c in colours[k]) if k is not None else (128, 128, 128)
         draw.rectangle((x0, 2, x0 + inner + 2 * frame - 1, 2 + inner + 2 * frame - 1), fill=colour)
-        if k < n and references is not None:
-            thumb = ImageOps.pad(references[k].convert("RGB"), (inner, inner), color=BACKGROUND)
-            strip.paste(thumb, (x0 + frame, 2 + frame))
-        name = f"subject {k + 1}" if k < n else "background"
-        draw.text((x0, tile + 2), name, fill=TEXT, font=font)
+        if k is not None and references is not None:
+            strip.paste(_on_white(references[k], inner), (x0 + frame, 2 + frame))
+        draw.text((x0, tile + 2), f"subject {k + 1}" if k is not None else "background", fill=TEXT, font=font)
     return strip
 
 
@@ -96,12 +109,13 @@ def routing_panel(
     steps: list[tuple[int, dict[int, LayerRouting]]],
     sample: int = 0,
     tile: int = 96,
-    references: list[Image.Image] | None = None,
+    references: list[Image.Image | None] | None = None,
     max_rows: int = 6,
 ) -> Image.Image:
     """Rows: recorded steps (label: timestep; at most `max_rows`, evenly spread); columns: the
     image, then every layer in order (label: index and map resolution h x w); below, the legend
-    (with each subject's reference when `references` are given, in subject order)."""
+    (with each subject's reference when `references` are given, in subject order: RGBA cut-outs
+    are shown on white; None marks an empty slot)."""
     if not steps:
         raise ValueError("no routing maps were recorded (is the router on?)")
     steps = pick_rows(steps, max_rows)
