@@ -101,12 +101,12 @@ class AppendingCSVLogger(CSVLogger):
 
 
 class ResumableWandbLogger(WandbLogger):
-    """WandbLogger whose run id is kept in the run folder (`<save_dir>/wandb_run_id`). The CLI calls
-    `continue_run()` when it resumes from a checkpoint: the W&B run then goes on under the stored id
-    (`resume="allow"`); any other start makes a new id and stores it. Only rank zero, which alone
-    creates the W&B run, reads or writes the file."""
+    """WandbLogger whose run id is kept in the run folder (`<save_dir>/wandb/run_id`, beside W&B's
+    own files). The CLI calls `continue_run()` when it resumes from a checkpoint: the W&B run then
+    goes on under the stored id (`resume="allow"`); any other start makes a new id and stores it.
+    Only rank zero, which alone creates the W&B run, reads or writes the file."""
 
-    RUN_ID_FILE = "wandb_run_id"
+    RUN_ID_FILE = "wandb/run_id"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

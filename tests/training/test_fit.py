@@ -132,7 +132,7 @@ def test_killed_run_resumes_from_last_to_the_same_final_step(shard_dirs, tmp_pat
     # Train rows are logged under step = global_step - 1; the killed run got at least up to its
     # checkpoint's step but one (the checkpoint is written just before its step's row).
     assert set(range(killed_at - 1)) <= set(_train_steps(first_rows))
-    assert len(first_ids) == 1 and (run_dir / "wandb_run_id").read_text().strip() == first_ids[0]
+    assert len(first_ids) == 1 and (run_dir / "wandb" / "run_id").read_text().strip() == first_ids[0]
 
     run(args + ["--ckpt_path=last"], tmp_path)
     final = _ckpt(ckpt_dir / "last.ckpt")
