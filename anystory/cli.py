@@ -120,7 +120,7 @@ def check_masks(specs: list[tuple[Path, Path | None]], subjects: list[tuple[Imag
     """Every subject has a non-empty mask, by the rule the pipeline applies (preprocess.split_mask)."""
     from anystory.preprocess import split_mask
 
-    for (ref, mask), (image, mask_image) in zip(specs, subjects):
+    for (ref, mask), (image, mask_image) in zip(specs, subjects, strict=True):
         try:
             split_mask(image, mask_image)
         except ValueError as err:

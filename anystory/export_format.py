@@ -19,6 +19,8 @@ WEIGHTS_FILE = "anystory.safetensors"
 CONFIG_FILE = "anystory.json"
 BASE_DIR = "base"  # the embedded base components, in the diffusers folder layout
 
+# Where a non-embedded base comes from: the keys `components.load_pretrained` requires.
+REQUIRED_WEIGHTS = ("base", "image_encoder")
 # Top-level keys of anystory.json and the JSON type each must have.
 DOCUMENT_KEYS: dict[str, type] = {"format_version": int, "base_embedded": bool, "config": dict, "metadata": dict}
 
@@ -82,6 +84,11 @@ def validate_export(directory: str | Path) -> tuple[AnyStoryConfig, bool]:
     directory = Path(directory)
     config, embedded = read_config(directory)
     check_safetensors(directory / WEIGHTS_FILE)
+    if not embedded:
+        for key in REQUIRED_WEIGHTS:
+            if not config.weights.get(key):
+                raise ExportError(f"{directory / CONFIG_FILE}: config.weights.{key} is not set and the base is not "
+                                  "embedded: give a local path or a hub id already in the local cache")
     if embedded:
         base = directory / BASE_DIR
         if not base.is_dir():

@@ -36,7 +36,7 @@ def reference_cutouts(batch: dict[str, Any], i: int) -> list[Image.Image | None]
     """Sample i's references as RGBA cut-outs (the ReferenceNet input: [-1, 1] pixels, mask as
     alpha); None for an empty subject slot."""
     out: list[Image.Image | None] = []
-    for ref, mask, valid in zip(batch["ref_pixels"][i], batch["ref_masks"][i], batch["valid"][i]):
+    for ref, mask, valid in zip(batch["ref_pixels"][i], batch["ref_masks"][i], batch["valid"][i], strict=True):
         if not valid:
             out.append(None)
             continue

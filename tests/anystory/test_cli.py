@@ -120,6 +120,15 @@ def _case(name: str, export_dir: Path, root: Path) -> tuple[list[str], str]:
         path = _edit_config(export, lambda c: c.update(resolution="64"))
         return ([*base, "--checkpoint", str(export)],
                 f"--checkpoint: {path}: config.resolution: expected an integer, got '64'")
+    if name == "base weights not set":
+        export = _minimal_export(export_dir, root)
+        path = export / "anystory.json"
+        document = json.loads(path.read_text())
+        document["base_embedded"] = False  # and config.weights is empty, as in an embedded export
+        path.write_text(json.dumps(document))
+        return ([*base, "--checkpoint", str(export)],
+                f"--checkpoint: {path}: config.weights.base is not set and the base is not embedded: give a local "
+                "path or a hub id already in the local cache")
     if name == "broken json":
         export = _minimal_export(export_dir, root)
         path = export / "anystory.json"
@@ -173,7 +182,7 @@ def _case(name: str, export_dir: Path, root: Path) -> tuple[list[str], str]:
 
 MISTAKES = [
     "missing export folder", "not an export folder", "truncated weights", "corrupt base weights",
-    "typo in the config", "wrong type in the config", "broken json", "reference not an image", "missing reference",
+    "typo in the config", "wrong type in the config", "base weights not set", "broken json", "reference not an image", "missing reference",
     "empty mask", "mask of another shape", "zero steps", "negative guidance", "unwritable out",
     "out without image format", "unwritable routing maps", "routing maps without router", "height not a multiple",
 ]

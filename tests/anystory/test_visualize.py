@@ -70,7 +70,7 @@ def test_panel_labels_rows_and_columns_and_shows_the_references(model, tiny_conf
 
     # Legend: each subject's reference, framed in that subject's colour, below the grid.
     legend = pixels[grid_bottom:]
-    for ref_colour, frame_colour in zip(REF_COLOURS, palette(3).astype(np.uint8)):
+    for ref_colour, frame_colour in zip(REF_COLOURS, palette(3).astype(np.uint8), strict=True):
         assert (legend == ref_colour).all(-1).sum() >= 40 * 40  # the thumbnail (padded to a square)
         assert (legend == frame_colour).all(-1).sum() >= 4 * 6 * 60  # its frame
     assert not (pixels[:grid_bottom] == REF_COLOURS[0]).all(-1).any()  # references appear nowhere else

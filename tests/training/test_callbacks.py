@@ -92,7 +92,7 @@ def test_sample_images_reach_the_offline_run_at_their_global_step(shard_dirs, tm
         if key == "samples/images":
             # The image with its reference slots beside it: (max_subjects + 1) squares in a row;
             # the sample's subjects fill the first slots, the empty slots stay white.
-            for picture, sample in zip(pictures, val):
+            for picture, sample in zip(pictures, val, strict=True):
                 assert picture.size == ((max_subjects + 1) * resolution, resolution)
                 squares = [picture.crop((k * resolution, 0, (k + 1) * resolution, resolution)) for k in
                            range(max_subjects)]
