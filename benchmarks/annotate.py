@@ -36,6 +36,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from machine import describe_machine  # noqa: E402 - benchmarks/ is the script's own folder
+
 from pipelines.annotate_auto import AutoAnnotateConfig, AutoAnnotator, build_groundingdino, build_sam  # noqa: E402
 from pipelines.tiny_detectors import write_text_encoder, write_tiny_detectors  # noqa: E402
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['batch']:>5} {r['actors']:>6} {n_images:>6} {r['counted']:>7} {r['annotated']:>9} "
                       f"{r['boxes'] / max(r['counted'], 1):>9.2f} {r['wall_s']:>8.3f} {rate:>9.3f}")
     print("images/s per GPU = images/s (one GPU shared by the actors)" if gpus else
-          "images/s on the CPU: a smoke figure, not a GPU one")
+          "images/s on the CPU: not a GPU figure")
     print(TARGET)
     return 0
 
