@@ -31,6 +31,8 @@ class Subjects:
     valid:       (B, N) bool; False marks padding
     drop:        (B,) bool or None; True replaces the sample's subject tokens by the null tokens
                  (the 10% CLIP-condition drop of training)
+    all_valid:   whether no subject is padding, when the host knows it without reading `valid` back
+                 from the device (then the layers skip the padding masks); None: unknown
     """
 
     clip_pixels: torch.Tensor
@@ -38,6 +40,7 @@ class Subjects:
     ref_masks: torch.Tensor
     valid: torch.Tensor
     drop: torch.Tensor | None = None
+    all_valid: bool | None = None
 
 
 @dataclass
@@ -141,6 +144,7 @@ class AnyStoryModel(nn.Module):
             routing_features=torch.cat([routing, null_route[None].expand(b, -1, -1)], dim=1),
             bank={k: v.unflatten(0, (b, n)) for k, v in bank.items()},
             valid=subjects.valid.bool(),
+            all_valid=subjects.all_valid,
         )
 
     # ----- denoising -----
@@ -179,6 +183,8 @@ class AnyStoryModel(nn.Module):
                 sampling: str | None = None, eta: float | None = None, gamma: float | None = None,
                 subject_attention: bool = True, reference_attention: bool = True,
                 cache_reference_kv: bool = False) -> RoutingContext:
+        """`cache_reference_kv`: keep per-call values (reference and text K/V, the routers'
+        per-route factors) across the forwards of this context: one generation call."""
         return RoutingContext(
             refs=refs,
             latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
@@ -188,5 +194,5 @@ class AnyStoryModel(nn.Module):
             gamma=self.config.gamma if gamma is None else gamma,
             subject_attention=subject_attention,
             reference_attention=reference_attention,
-            kv_cache={} if cache_reference_kv else None,
+            cache={} if cache_reference_kv else None,
         )

@@ -80,6 +80,7 @@ def encode_subjects(
     ref_masks: torch.Tensor,
     valid: torch.Tensor,
     drop: torch.Tensor | None = None,
+    all_valid: bool | None = None,
 ) -> Subjects:
     """(B, N, ...) pixel tensors -> Subjects: references VAE-encoded (distribution mean, so the
     same reference always gives the same features) and masks taken to latent size."""
@@ -92,4 +93,5 @@ def encode_subjects(
         ref_masks=(masks > 0.5).to(latents.dtype).unflatten(0, (b, n)),
         valid=valid.bool(),
         drop=drop,
+        all_valid=all_valid,
     )

@@ -1,14 +1,19 @@
 """diffusers attention processors for the two routed injection paths. Each holds only its new
 projections (and, for cross-attention, the layer's router) and reuses the frozen layer's
 to_q / to_k / to_v / to_out. Per-call state arrives as `anystory=RoutingContext` through
-`cross_attention_kwargs`; without it a processor is the plain attention of the layer."""
+`cross_attention_kwargs`; without it a processor is the plain attention of the layer.
+
+Speed (issue 8): a layer launches few kernels and never synchronises with the host. What depends
+only on the call (text and reference K/V, the router's per-route factors, mask skeletons) comes
+from the context's caches; at inference each position takes exactly one route, so the N + 1 routed
+softmaxes of Eq. 5 are one attention over all routes' tokens with a mask, and the Eq. 7 bias is a
+boolean mask built with one comparison from the previous layer's route index."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from einops import rearrange
 from torch import nn
 
 from anystory.config import RouterConfig
@@ -30,12 +35,13 @@ def _copy_linear(source: nn.Linear, in_features: int | None = None) -> nn.Linear
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return rearrange(x, "... n (h d) -> ... h n d", h=heads)
+    """(..., n, heads * d) -> (..., heads, n, d), a view."""
+    return x.unflatten(-1, (heads, -1)).transpose(-2, -3)
 
 
 def output_projection(attn: Attention, heads_out: torch.Tensor) -> torch.Tensor:
     """(B, heads, n, d) attention output -> the layer's to_out (linear, dropout)."""
-    return attn.to_out[1](attn.to_out[0](rearrange(heads_out, "b h n d -> b n (h d)")))
+    return attn.to_out[1](attn.to_out[0](heads_out.transpose(1, 2).flatten(2)))
 
 
 def self_attention(attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -78,52 +84,77 @@ class RoutedCrossAttnProcessor(nn.Module):
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         q = split_heads(attn.to_q(hidden_states), attn.heads)
-        k = split_heads(attn.to_k(encoder_hidden_states), attn.heads)
-        v = split_heads(attn.to_v(encoder_hidden_states), attn.heads)
+
+        def text_kv() -> tuple[torch.Tensor, torch.Tensor]:
+            return (split_heads(attn.to_k(encoder_hidden_states), attn.heads),
+                    split_heads(attn.to_v(encoder_hidden_states), attn.heads))
+
+        # The prompt does not change between the steps of a generation call: its K/V neither.
+        k, v = text_kv() if anystory is None else anystory.per_call(f"{self.layer_index}.text", text_kv)
         out = F.scaled_dot_product_attention(q, k, v)
         if anystory is not None:
-            gate = self._gate(anystory, hidden_states)  # (B, hw, R)
+            routing = self._route(anystory, hidden_states)
             if anystory.subject_attention and anystory.eta != 0.0:
-                out = out + anystory.eta * self._subject_attention(attn, q, anystory, gate)
+                subject = self._subject_attention(attn, q, anystory, routing)
+                out = out + (subject if anystory.eta == 1.0 else anystory.eta * subject)
         return output_projection(attn, out)
 
-    def _gate(self, ctx: RoutingContext, hidden_states: torch.Tensor) -> torch.Tensor:
-        refs = ctx.refs
-        route_valid = refs.route_valid
+    def _route(self, ctx: RoutingContext, hidden_states: torch.Tensor) -> LayerRouting | None:
+        """This layer's routes (also written to ctx.maps); None without a router."""
         if not ctx.router:
-            # Stage 1 / router off: every valid subject everywhere, no background route.
-            gate = route_valid.clone()
-            gate[:, -1] = False
-            return gate[:, None, :].to(hidden_states.dtype)
+            return None
         hw = layer_hw(hidden_states.shape[1], ctx.latent_hw)
         if ctx.given_routes is not None:
-            given = ctx.given_routes(hw).to(hidden_states.dtype)
-            ctx.maps[self.layer_index] = LayerRouting(hw=hw, probs=given.float(), hard=given, coarse=given.float())
-            return given
-        coarse, refined = self.router(refs.routing_features, hidden_states, route_valid)
-        hard = hard_routes(refined, ctx.sampling, ctx.tau)
-        ctx.maps[self.layer_index] = LayerRouting(
-            hw=hw,
-            probs=refined.float().softmax(-1),
-            hard=hard,
-            coarse=coarse.float().softmax(-1),
-        )
-        return hard
+            maps = LayerRouting.from_routes(hw, ctx.given_routes(hw).to(hidden_states.dtype))
+        else:
+            refs = ctx.refs
+            plan = ctx.per_call(f"{self.layer_index}.router", lambda: self.router.prepare(
+                refs.routing_features, None if refs.all_valid else refs.route_valid))
+            coarse, refined = self.router(plan, hidden_states)
+            route, gate = hard_routes(refined, ctx.sampling, ctx.tau)
+            maps = LayerRouting(hw, route, refined.shape[-1], logits=refined, coarse_logits=coarse, gate=gate)
+        ctx.maps[self.layer_index] = maps
+        return maps
 
     def _subject_attention(
-        self, attn: Attention, q: torch.Tensor, ctx: RoutingContext, gate: torch.Tensor
+        self, attn: Attention, q: torch.Tensor, ctx: RoutingContext, routing: LayerRouting | None
     ) -> torch.Tensor:
-        tokens = ctx.refs.subject_tokens  # (B, R, T, C)
-        routes = tokens.shape[1]
-        # One softmax per route: fold the routes into the batch of a single SDPA call.
-        k, v = ctx.reference_kv(f"{self.layer_index}.subject", lambda: tuple(
-            rearrange(split_heads(proj(tokens), attn.heads), "b r h t d -> (b r) h t d") for proj in (self.to_k, self.to_v)
-        ))
-        q_routes = rearrange(q.unsqueeze(1).expand(-1, routes, -1, -1, -1), "b r h n d -> (b r) h n d")
-        per_route = rearrange(
-            F.scaled_dot_product_attention(q_routes, k, v), "(b r) h n d -> b r h n d", r=routes
-        )
-        return torch.einsum("brhnd,bnr->bhnd", per_route, gate.to(per_route.dtype))
+        refs = ctx.refs
+        tokens = refs.subject_tokens  # (B, R, T, C)
+        b, routes, per_route = tokens.shape[:3]
+        n = q.shape[2]
+
+        def all_routes_kv() -> tuple[torch.Tensor, torch.Tensor]:
+            # (B, heads, R * T, d): the tokens of every route side by side
+            return tuple(split_heads(proj(tokens).flatten(1, 2), attn.heads) for proj in (self.to_k, self.to_v))
+
+        if routing is not None and (routing.gate is None or not routing.gate.requires_grad):
+            # One route per position: the per-route softmaxes are one softmax over all routes'
+            # tokens, each position masked to its route's tokens.
+            k, v = ctx.per_call(f"{self.layer_index}.subject", all_routes_kv)
+            # Row r of the table: 0 on route r's tokens, MASKED_LOGIT elsewhere; a lookup by the
+            # route index gives the mask (B, 1, n, R * T) in one op.
+            table = ctx.layout(("route_bias", routes, per_route, q.dtype), lambda: torch.where(
+                torch.arange(routes, device=q.device)[:, None] == torch.arange(
+                    routes, device=q.device).repeat_interleave(per_route), 0.0, MASKED_LOGIT).to(q.dtype))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=F.embedding(routing.route, table)[:, None])
+        if routing is None and refs.all_valid and routes == 2:
+            # Router off with one valid subject (stage 1): that subject's tokens everywhere.
+            k, v = ctx.per_call(f"{self.layer_index}.subject", all_routes_kv)
+            return F.scaled_dot_product_attention(q, k[:, :, :per_route], v[:, :, :per_route])
+        # Gates that carry a gradient (Gumbel straight-through), or every valid subject everywhere
+        # (router off): one softmax per route, routes folded into the batch of one SDPA call.
+        k, v = (t.unflatten(2, (routes, per_route)).transpose(1, 2).flatten(0, 1) for t in all_routes_kv())
+        q_routes = q.unsqueeze(1).expand(-1, routes, -1, -1, -1).flatten(0, 1)
+        per_route_out = F.scaled_dot_product_attention(q_routes, k, v).unflatten(0, (b, routes))
+        if routing is not None:
+            gate = routing.gate  # (B, n, R)
+        else:
+            # Every valid subject everywhere, no background route.
+            gate = ctx.layout("router_off_gate", lambda: torch.cat(
+                [refs.valid, torch.zeros_like(refs.valid[:, :1])], dim=1)[:, None, :])
+            gate = gate.expand(b, n, routes)
+        return torch.einsum("brhnd,bnr->bhnd", per_route_out, gate.to(per_route_out.dtype))
 
 
 class RoutedReferenceAttnProcessor(nn.Module):
@@ -156,34 +187,54 @@ class RoutedReferenceAttnProcessor(nn.Module):
         q = split_heads(attn.to_q(hidden_states), attn.heads)
         k = split_heads(attn.to_k(hidden_states), attn.heads)
         v = split_heads(attn.to_v(hidden_states), attn.heads)
-        bias = None
+        mask = None
         if anystory is not None and anystory.reference_attention and self.uses_reference:
             features = anystory.refs.bank[self.block_name]  # (B, N, m, d)
-            ref_k, ref_v = anystory.reference_kv(f"{self.layer_index}.reference", lambda: tuple(
-                split_heads(rearrange(proj(features), "b s m c -> b (s m) c"), attn.heads) for proj in (self.to_k, self.to_v)
+            ref_k, ref_v = anystory.per_call(f"{self.layer_index}.reference", lambda: tuple(
+                split_heads(proj(features).flatten(1, 2), attn.heads) for proj in (self.to_k, self.to_v)
             ))
             k, v = torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
-            bias = self._bias(anystory, hidden_states, features.shape[2])
-        return output_projection(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+            mask = self._mask(anystory, hidden_states, features.shape[1], features.shape[2])
+        return output_projection(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
-    def _bias(self, ctx: RoutingContext, hidden_states: torch.Tensor, ref_tokens: int) -> torch.Tensor | None:
-        """Additive attention bias (B, 1, hw or 1, hw + N * m) of Eq. 7."""
-        refs = ctx.refs
+    def _mask(self, ctx: RoutingContext, hidden_states: torch.Tensor, subjects: int,
+              ref_tokens: int) -> torch.Tensor | None:
+        """Eq. 7 as an additive attention bias over [own tokens, reference tokens]: 0 on the own
+        tokens, gamma on the allowed references, MASKED_LOGIT on the others; (B, 1, hw or 1, keys)."""
+        refs, gamma, dtype = ctx.refs, ctx.gamma, hidden_states.dtype
         tokens = hidden_states.shape[1]
-        if not ctx.router and ctx.gamma == 0.0 and bool(refs.valid.all()):
-            return None  # every position sees every reference: no bias needed
-        if ctx.router:
-            allowed = self._previous_routes(ctx, tokens)  # (B, hw, N)
-        else:
-            allowed = refs.valid[:, None, :]  # (B, 1, N): rows do not depend on the position
-        subject_bias = torch.where(allowed, ctx.gamma, MASKED_LOGIT).to(hidden_states.dtype)
-        subject_bias = subject_bias.repeat_interleave(ref_tokens, dim=-1)
-        own = subject_bias.new_zeros(*subject_bias.shape[:2], tokens)
-        return torch.cat([own, subject_bias], dim=-1)[:, None]
+        device = hidden_states.device
 
-    def _previous_routes(self, ctx: RoutingContext, tokens: int) -> torch.Tensor:
-        """sigma(M_{l-1}^i) at this layer's size, detached (paper.md Section 8, item 20); at a
-        resolution change the probabilities are resized bilinearly and re-argmaxed (item 19)."""
+        def owner() -> torch.Tensor:  # the subject each key belongs to (-1: the layer's own tokens)
+            return torch.cat([torch.full((tokens,), -1, device=device),
+                              torch.arange(subjects, device=device).repeat_interleave(ref_tokens)])
+
+        if ctx.router:
+            # Row i of the table is the bias of a position routed to route i (the background,
+            # route N, sees no reference); a lookup by the previous layer's route gives the bias.
+            # A router never routes to a padding subject (its logits are masked), so validity
+            # needs no term here.
+            def routed() -> torch.Tensor:  # (N + 1, keys)
+                keys = owner()
+                rows = torch.arange(subjects + 1, device=device)[:, None]
+                return torch.where(keys < 0, 0.0, torch.where(rows == keys, gamma, MASKED_LOGIT)).to(dtype)
+
+            table = ctx.layout(("reference_bias", tokens, subjects, ref_tokens, gamma, dtype), routed)
+            return F.embedding(self._previous_route(ctx, tokens), table)[:, None]
+        if refs.all_valid and gamma == 0.0:
+            return None  # every position sees every reference: no mask needed
+
+        def unrouted() -> torch.Tensor:  # (B, 1, 1, keys): the rows do not depend on the position
+            keep = torch.cat([torch.ones_like(refs.valid[:, :1]).expand(-1, tokens),
+                              refs.valid.repeat_interleave(ref_tokens, dim=1)], dim=1)
+            return torch.where(keep, torch.where(owner() < 0, 0.0, gamma), MASKED_LOGIT).to(dtype)[:, None, None]
+
+        return ctx.layout(("unrouted_bias", tokens, subjects, ref_tokens, gamma, dtype), unrouted)
+
+    def _previous_route(self, ctx: RoutingContext, tokens: int) -> torch.Tensor:
+        """The route index of sigma(M_{l-1}) at this layer's size (B, hw), detached (paper.md
+        Section 8, item 20); at a resolution change the probabilities are resized bilinearly and
+        re-argmaxed (item 19)."""
         previous = ctx.maps.get(self.layer_index - 1)
         if previous is None:
             raise RuntimeError(
@@ -192,12 +243,9 @@ class RoutedReferenceAttnProcessor(nn.Module):
             )
         hw = layer_hw(tokens, ctx.latent_hw)
         if previous.hw == hw:
-            hard = previous.hard.detach()
-        else:
-            # Training resizes the Gumbel sample that gated layer l-1, so both paths see one routing.
-            source = previous.hard if ctx.sampling == "gumbel" else previous.probs
-            probs = rearrange(source.detach().float(), "b (h w) r -> b r h w", h=previous.hw[0])
-            probs = F.interpolate(probs, size=hw, mode="bilinear", align_corners=False)
-            hard = F.one_hot(rearrange(probs, "b r h w -> b (h w) r").argmax(-1), probs.shape[1])
-        valid = ctx.refs.valid[:, None, :]
-        return hard[..., :-1].bool() & valid  # drop the background route
+            return previous.route
+        # Training resizes the Gumbel sample that gated layer l-1, so both paths see one routing.
+        source = previous.hard if ctx.sampling == "gumbel" else previous.probs
+        probs = source.detach().float().transpose(1, 2).unflatten(2, previous.hw)  # (B, R, h, w)
+        probs = F.interpolate(probs, size=hw, mode="bilinear", align_corners=False)
+        return probs.flatten(2).argmax(1)

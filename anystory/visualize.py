@@ -146,10 +146,4 @@ def routing_panel(
 
 def to_cpu(maps: dict[int, LayerRouting], rows: slice) -> dict[int, LayerRouting]:
     """A detached CPU copy of a batch slice of the maps, for keeping maps across steps."""
-    return {
-        layer: LayerRouting(hw=m.hw, probs=m.probs[rows].detach().cpu(), hard=m.hard[rows].detach().cpu(),
-                            coarse=m.coarse[rows].detach().cpu())
-        for layer, m in maps.items()
-    }
-
-
+    return {layer: m.rows(rows, "cpu") for layer, m in maps.items()}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from dispatch import DispatchCount, count_dispatch
 from machine import describe_machine
 
 from anystory.components import build_random
@@ -37,6 +38,7 @@ from anystory.config import AnyStoryConfig
 from anystory.model import AnyStoryModel, Subjects
 from anystory.presets import get_preset
 from anystory.referencenet import ReferenceNet
+from training.optim import adamw
 
 # No float16: a fair fp16 training step would also need a GradScaler.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -137,6 +139,7 @@ def make_subjects(cfg: AnyStoryConfig, batch: int, ref_size: int, device: torch.
         ref_latents=torch.randn(batch, 1, 4, side, side, generator=generator).to(device),
         ref_masks=mask.to(device),
         valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
+        all_valid=True,  # the training module settles it on the host
     )
 
 
@@ -150,7 +153,8 @@ def bench_forward(cfg: AnyStoryConfig, unet: UNet2DConditionModel, args: argpars
     full = copy.deepcopy(unet).eval()
     if dtype != torch.float32:
         full.to(dtype)
-    referencenet = ReferenceNet(full, args.ref_size).eval()
+    # Built in float32 (it is trained in stage 1); (b) compares forwards in one dtype.
+    referencenet = ReferenceNet(full, args.ref_size).to(dtype).eval()
     side = args.ref_size // cfg.vae_scale_factor
     inputs = make_batch(cfg, full, 1, args.ref_size, device, generator)
     latents, text = inputs.noisy.to(dtype), inputs.text.to(dtype)
@@ -177,13 +181,13 @@ def bench_forward(cfg: AnyStoryConfig, unet: UNet2DConditionModel, args: argpars
 
 
 def bench_plain_training(unet: UNet2DConditionModel, args: argparse.Namespace, device: torch.device,
-                         dtype: torch.dtype, batch: Batch) -> tuple[Measurement, int]:
+                         dtype: torch.dtype, batch: Batch) -> tuple[Measurement, int, DispatchCount]:
     """(a), baseline side: full fine-tuning of the plain UNet (all parameters, fp32 master weights)."""
     unet.requires_grad_(True).train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    optimizer = adamw(params, args.lr, 1e-2, device)
 
     def step() -> None:
         with autocast(device, dtype):
@@ -194,13 +198,14 @@ def bench_plain_training(unet: UNet2DConditionModel, args: argparse.Namespace, d
         optimizer.zero_grad(set_to_none=True)
 
     result = run_rounds({"plain": step}, device, args.warmup, args.repeats)["plain"]
+    ops = count_dispatch(step)
     unet.requires_grad_(False).eval()
-    return result, count(params)
+    return result, count(params), ops
 
 
 def bench_stage1_training(cfg: AnyStoryConfig, unet: UNet2DConditionModel, image_encoder: torch.nn.Module,
                           args: argparse.Namespace, device: torch.device, dtype: torch.dtype, batch: Batch,
-                          subjects: Subjects) -> tuple[Measurement, int, str]:
+                          subjects: Subjects) -> tuple[Measurement, int, str, DispatchCount]:
     """(a), AnyStory side: model.set_stage(1), router off, fp32 trainable weights, bf16 frozen ones."""
     model = AnyStoryModel(cfg, unet, image_encoder)
     if dtype != torch.float32:
@@ -214,7 +219,7 @@ def bench_stage1_training(cfg: AnyStoryConfig, unet: UNet2DConditionModel, image
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         model.referencenet.unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    optimizer = adamw(params, args.lr, 1e-2, device)
 
     def forward_backward() -> None:
         with autocast(device, dtype):
@@ -234,7 +239,7 @@ def bench_stage1_training(cfg: AnyStoryConfig, unet: UNet2DConditionModel, image
         optimizer.zero_grad(set_to_none=True)
 
     result = run_rounds({"stage1": step}, device, args.warmup, args.repeats)["stage1"]
-    return result, count(params), coverage
+    return result, count(params), coverage, count_dispatch(step)
 
 
 def format_row(label: str, result: Measurement, extra: str, device: torch.device) -> str:
@@ -294,10 +299,10 @@ def main(argv: list[str] | None = None) -> None:
 
     batch = make_batch(cfg, unet, args.batch, args.resolution, device, generator)
     subjects = make_subjects(cfg, args.batch, args.ref_size, device, generator)
-    plain, plain_params = bench_plain_training(unet, args, device, dtype, batch)
+    plain, plain_params, plain_ops = bench_plain_training(unet, args, device, dtype, batch)
     release(device)
     # The same UNet (weights after the baseline's few AdamW steps), now patched by AnyStory.
-    stage1, stage1_params, coverage = bench_stage1_training(cfg, unet, image_encoder, args, device, dtype,
+    stage1, stage1_params, coverage, stage1_ops = bench_stage1_training(cfg, unet, image_encoder, args, device, dtype,
                                                             batch, subjects)
 
     side, ref_side = args.resolution // cfg.vae_scale_factor, args.ref_size // cfg.vae_scale_factor
@@ -314,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
           f"MSE, backward, AdamW; {coverage}")
     print(f"ratio (a) AnyStory stage-1 step / plain UNet full fine-tuning step: "
           f"{stage1.median_ms / plain.median_ms:.3f}x")
+    print("    one training step counted with a TorchDispatchMode (forward, backward, optimizer): aten ops / "
+          "kernel-launching ops / host syncs")
+    for name, ops in (("plain UNet, full fine-tuning", plain_ops), ("AnyStory stage 1", stage1_ops)):
+        print(f"    {name:<32} {ops.total:>8} / {ops.kernels:>8} / {ops.syncs:>4}")
+    print(f"ratio (a) aten ops per step, stage 1 / plain: {stage1_ops.total / plain_ops.total:.3f}x; "
+          f"host syncs per stage-1 step: {stage1_ops.syncs}")
     for line in lines:
         print(line)
 

@@ -32,7 +32,7 @@ def encode_conditions(vae: AutoencoderKL, text: TextEncoder, batch: dict[str, An
     latents = (posterior.sample() if sample_latents else posterior.mean) * vae.config.scaling_factor
     embeds, pooled = text(batch["caption"], device)
     subjects = encode_subjects(vae, batch["clip_pixels"], batch["ref_pixels"], batch["ref_masks"], batch["valid"],
-                               batch.get("drop"))
+                               batch.get("drop"), batch.get("all_valid"))
     return Conditions(latents, embeds, {"text_embeds": pooled, "time_ids": batch["time_ids"].to(pooled.dtype)},
                       subjects)
 

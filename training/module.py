@@ -22,6 +22,7 @@ from anystory.losses import routing_iou, routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
 from training.conditions import Conditions, encode_conditions, seeded_noise
+from training.optim import adamw
 from training.text import TextEncoder
 
 STAGES = (1, 2)
@@ -129,6 +130,13 @@ class AnyStoryModule(L.LightningModule):
                 target.copy_(value)
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Settled on the host, before the batch reaches the device: whether any subject is
+        # padding. The routed layers then skip the padding masks without reading the GPU.
+        if isinstance(batch, dict) and isinstance(batch.get("valid"), torch.Tensor):
+            batch["all_valid"] = bool(batch["valid"].all())
+        return batch
+
     # ----- batch -> model inputs -----
     def conditions(self, batch: dict[str, Any], sample_latents: bool) -> Conditions:
         return encode_conditions(self.vae, self.encode_text, batch, self.device, sample_latents)
@@ -191,7 +199,7 @@ class AnyStoryModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(params, self.hparams.lr, self.hparams.weight_decay, self.device)
         total = self.trainer.max_steps if self._trainer is not None else -1
         factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -27,7 +27,8 @@ def test_downsampled_masks_are_disjoint_and_follow_coverage():
 
 
 def _maps(probs: torch.Tensor, hw: tuple[int, int]) -> LayerRouting:
-    return LayerRouting(hw=hw, probs=probs, hard=probs, coarse=probs)
+    # Maps without logits read their probabilities off the gate: `probs` exactly.
+    return LayerRouting(hw, probs.argmax(-1), probs.shape[-1], gate=probs)
 
 
 def test_loss_is_zero_at_the_target_and_the_mean_squared_error_elsewhere():

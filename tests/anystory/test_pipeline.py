@@ -89,17 +89,17 @@ def test_cache_is_filled_once_and_never_used_with_gradients(model, tiny_config):
 
     calls = []
     refs = ReferenceEncoding(torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1), {}, torch.ones(1, 1, dtype=torch.bool))
-    ctx = RoutingContext(refs=refs, latent_hw=(4, 4), kv_cache={})
+    ctx = RoutingContext(refs=refs, latent_hw=(4, 4), cache={})
 
     def compute():
         calls.append(1)
         return torch.ones(1), torch.ones(1)
 
     with torch.no_grad():
-        ctx.reference_kv("a", compute)
-        ctx.reference_kv("a", compute)
+        ctx.per_call("a", compute)
+        ctx.per_call("a", compute)
     assert len(calls) == 1
-    ctx.reference_kv("a", compute)  # grad enabled: training never reads a cache
+    ctx.per_call("a", compute)  # grad enabled: training never reads a cache
     assert len(calls) == 2
 
 

@@ -40,11 +40,6 @@ def _refs(model, name: str, b: int, n: int, tokens: int, valid: torch.Tensor, se
     )
 
 
-def _routing(hw: tuple[int, int], assignment: torch.Tensor, routes: int) -> LayerRouting:
-    hard = F.one_hot(assignment, routes).float()
-    return LayerRouting(hw=hw, probs=hard, hard=hard, coarse=hard)
-
-
 @torch.no_grad()
 def test_position_routed_to_a_subject_ignores_other_references(model):
     index = 2  # a block with a preceding layer at the same resolution
@@ -57,7 +52,7 @@ def test_position_routed_to_a_subject_ignores_other_references(model):
     refs = _refs(model, name, 1, n, 9, torch.ones(1, n, dtype=torch.bool))
     assignment = torch.arange(tokens) % (n + 1)  # subjects 0..2 and background (3) in turn
     ctx = RoutingContext(refs=refs, latent_hw=hw, router=True)
-    ctx.maps[index - 1] = _routing(hw, assignment[None], n + 1)
+    ctx.maps[index - 1] = LayerRouting.from_routes(hw, F.one_hot(assignment[None], n + 1).float())
     base = proc(attn1, hidden, anystory=ctx)
     for subject in range(n):
         perturbed = ReferenceEncoding(refs.subject_tokens, refs.routing_features,
@@ -81,7 +76,7 @@ def test_reference_attention_matches_eqs_6_to_8(model):
     assignment = torch.randint(0, n + 1, (tokens,))
     gamma = 0.7
     ctx = RoutingContext(refs=refs, latent_hw=hw, router=True, gamma=gamma)
-    ctx.maps[index - 1] = _routing(hw, assignment[None], n + 1)
+    ctx.maps[index - 1] = LayerRouting.from_routes(hw, F.one_hot(assignment[None], n + 1).float())
     out = proc(attn1, hidden, anystory=ctx)
 
     x, g = hidden[0], refs.bank[name][0]
@@ -172,7 +167,6 @@ def test_resolution_change_resizes_the_previous_map(model):
     left = torch.zeros(prev_hw, dtype=torch.long)
     left[:, prev_hw[1] // 2 :] = 1  # left half subject 0, right half subject 1
     ctx = RoutingContext(refs=refs, latent_hw=latent, router=True)
-    ctx.maps[index - 1] = _routing(prev_hw, left.flatten()[None], n + 1)
-    allowed = proc._previous_routes(ctx, hw[0] * hw[1])[0].reshape(*hw, n)
-    assert allowed[:, : hw[1] // 2, 0].all() and not allowed[:, : hw[1] // 2, 1].any()
-    assert allowed[:, hw[1] // 2 :, 1].all() and not allowed[:, hw[1] // 2 :, 0].any()
+    ctx.maps[index - 1] = LayerRouting.from_routes(prev_hw, F.one_hot(left.flatten()[None], n + 1).float())
+    route = proc._previous_route(ctx, hw[0] * hw[1])[0].reshape(*hw)
+    assert (route[:, : hw[1] // 2] == 0).all() and (route[:, hw[1] // 2 :] == 1).all()
