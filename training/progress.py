@@ -79,6 +79,7 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.total = total_steps(trainer)
         self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
+        self.train_progress_bar.unit = "step"  # the rate reads steps/s
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the run, not one per epoch

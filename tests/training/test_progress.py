@@ -50,5 +50,5 @@ def test_bar_counts_steps_of_the_run_not_batches_of_an_epoch(capsys):
     _fit([StepProgressBar()], bar=True)
     out = capsys.readouterr().out
     final = out.replace("\r", "\n").strip().splitlines()[-1]
-    assert final.startswith("train") and "6/6" in final, final
+    assert final.startswith("train") and "6/6" in final and "step/s" in final, final
     assert "Epoch" not in out and "/-2" not in out
