@@ -82,7 +82,7 @@ class BuildResult:
     stats: list[dict[str, Any]] = field(default_factory=list)  # shards written by this run
     wall_s: float = 0.0
     removed: list[tuple[str, str]] = field(default_factory=list)  # published files removed, and why
-    replaced: list[tuple[int, int, int]] = field(default_factory=list)  # (shard, samples before, after)
+    replaced: list[tuple[int, int, int, str]] = field(default_factory=list)  # (shard, samples before, after, why)
     cleaned: list[str] = field(default_factory=list)  # temporary files of a killed run
 
     def totals(self) -> dict[str, Any]:
@@ -149,6 +149,13 @@ def _is_fresh(stats: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
                                                                         "units_sha256"))
 
 
+def _why_redone(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for key, what in (("params_hash", "params"), ("pipeline_version", "pipeline version"), ("units_sha256", "inputs")):
+        if old.get(key) != new.get(key):
+            return f"{what} changed"
+    return "rebuilt"
+
+
 def _by_source(stats: Any) -> dict[str, Counter]:
     """inputs / written / samples and rejections per source, over shard stats."""
     out: dict[str, Counter] = {}
@@ -167,7 +174,10 @@ def _source_path(cfg: DataConfig, kind: str, name: str) -> str:
 def check_outcome(cfg: DataConfig, kind: str, specs: list[dict[str, Any]], new: dict[int, dict[str, Any]],
                   published: dict[int, dict[str, Any]], prune: bool) -> None:
     """Refuse (BuildError) a build whose outcome a user cannot have meant: a source all of whose inputs
-    failed, or, without `prune`, fewer published samples of a source than before."""
+    failed; or, without `prune`, fewer published samples of a source while the params are those it
+    was published with (its inputs went: deleted files, an emptied listing), or of a source that is
+    no longer configured. With changed params fewer samples are the change asked for (a stricter
+    filter); the summary lists every shard replaced or removed."""
     after = _by_source(new.values())
     for src, c in after.items():
         if c["inputs"] and not c["written"]:
@@ -176,14 +186,17 @@ def check_outcome(cfg: DataConfig, kind: str, specs: list[dict[str, Any]], new: 
                              "nothing published was changed", failed_source=src)
     if prune:
         return
-    before = _by_source(published.values())
+    current = {s["params_hash"] for s in specs}
     planned = {s["shard"] for s in specs}
-    for src, c in sorted(before.items()):
-        if after.get(src, Counter())["samples"] < c["samples"]:
-            gone = [f"{n:06d}" for n, st in sorted(published.items()) if st["source"] == src and n not in planned]
+    for src, c in sorted(_by_source(published.values()).items()):
+        mine = {n: st for n, st in published.items() if st["source"] == src}
+        same_params = {st.get("params_hash") for st in mine.values()} <= current
+        samples = after.get(src, Counter())["samples"]
+        if samples < c["samples"] and (same_params or src not in after):
+            gone = [f"{n:06d}" for n in sorted(mine) if n not in planned]
             raise BuildError(
-                f"{kind} source {src!r}: this build would publish {after.get(src, Counter())['samples']} samples"
-                f" where {c['samples']} are published" + (f" (shards {', '.join(gone)} would go)" if gone else "")
+                f"{kind} source {src!r}: this build would publish {samples} samples where {c['samples']} are"
+                f" published" + (f" (shards {', '.join(gone)} would go)" if gone else "")
                 + "; nothing published was changed; rerun with --prune to accept")
 
 
@@ -248,7 +261,7 @@ def run_build(cfg: DataConfig, kind: str, out_url: str, runner: str = "ray",
     for n in sorted(from_staging):
         store.move_shard_from(staging, n)
         if n in published:
-            replaced.append((n, published[n]["samples"], final[n]["samples"]))
+            replaced.append((n, published[n]["samples"], final[n]["samples"], _why_redone(published[n], final[n])))
     shards_of = Counter(st["source"] for st in final.values())
     for n in sorted(set(published) - set(final)):
         src = published[n]["source"]

@@ -30,8 +30,8 @@ def format_summary(results: list[BuildResult]) -> str:
         if t["dropped"]:
             top = sorted(t["dropped"].items(), key=lambda kv: (-kv[1], kv[0]))[:6]
             lines.append("  dropped (subjects / pair candidates): " + ", ".join(f"{k}={v}" for k, v in top))
-        for shard, before, after in r.replaced:
-            lines.append(f"  replaced shard {shard:06d}: {before} -> {after} samples")
+        for shard, before, after, why in r.replaced:
+            lines.append(f"  replaced shard {shard:06d}: {before} -> {after} samples ({why})")
         for name, why in r.removed:
             lines.append(f"  removed {name}: {why}")
         if r.cleaned:
