@@ -147,6 +147,8 @@ class RoutedCrossAttnProcessor(nn.Module):
         k, v = (t.unflatten(2, (routes, per_route)).transpose(1, 2).flatten(0, 1) for t in all_routes_kv())
         q_routes = q.unsqueeze(1).expand(-1, routes, -1, -1, -1).flatten(0, 1)
         per_route_out = F.scaled_dot_product_attention(q_routes, k, v).unflatten(0, (b, routes))
+        if routing is None and refs.all_valid:
+            return per_route_out[:, :-1].sum(1)  # every subject, not the background
         if routing is not None:
             gate = routing.gate  # (B, n, R)
         else:
@@ -184,9 +186,7 @@ class RoutedReferenceAttnProcessor(nn.Module):
         _check_plain(attn, hidden_states)
         if attention_mask is not None or encoder_hidden_states is not None:
             raise NotImplementedError("SDXL self-attention takes no mask and no encoder states")
-        q = split_heads(attn.to_q(hidden_states), attn.heads)
-        k = split_heads(attn.to_k(hidden_states), attn.heads)
-        v = split_heads(attn.to_v(hidden_states), attn.heads)
+        q, k, v = self._qkv(attn, hidden_states, anystory)
         mask = None
         if anystory is not None and anystory.reference_attention and self.uses_reference:
             features = anystory.refs.bank[self.block_name]  # (B, N, m, d)
@@ -196,6 +196,18 @@ class RoutedReferenceAttnProcessor(nn.Module):
             k, v = torch.cat([k, ref_k], dim=2), torch.cat([v, ref_v], dim=2)
             mask = self._mask(anystory, hidden_states, features.shape[1], features.shape[2])
         return output_projection(attn, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+    def _qkv(self, attn: Attention, hidden_states: torch.Tensor,
+             ctx: RoutingContext | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's own Q, K, V (B, heads, n, d). Within a generation call the three frozen
+        projections run as one matmul over their weights stacked once per call (a transient copy of
+        the layer's q/k/v weights, freed with the call); in training, or without a context, as three."""
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        if ctx is None or ctx.cache is None or torch.is_grad_enabled() or any(p.bias is not None for p in projections):
+            return tuple(split_heads(p(hidden_states), attn.heads) for p in projections)
+        weight = ctx.per_call(f"{self.layer_index}.qkv", lambda: torch.cat([p.weight for p in projections]))
+        qkv = F.linear(hidden_states, weight).unflatten(-1, (3, attn.heads, -1)).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
 
     def _mask(self, ctx: RoutingContext, hidden_states: torch.Tensor, subjects: int,
               ref_tokens: int) -> torch.Tensor | None:

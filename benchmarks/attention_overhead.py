@@ -228,6 +228,15 @@ def main(argv: list[str] | None = None) -> None:
         # Device-independent proxies of a host-bound GPU step: aten ops and host syncs per step.
         run_plain()
         counts = {"plain": count_dispatch(run_plain)}
+        # Also against plain SDXL with diffusers' own q/k/v fusion, since AnyStory fuses the frozen
+        # self-attention projections within a call: the honest share of the gain.
+        fused = copy.deepcopy(plain)
+        fused.fuse_qkv_projections()
+        run_fused = lambda: fused(inputs.latents, inputs.timesteps, encoder_hidden_states=inputs.text,  # noqa: E731
+                                  added_cond_kwargs=inputs.added).sample
+        run_fused()
+        counts["plain, fused q/k/v"] = count_dispatch(run_fused)
+        del fused
         counts.update({f"N={n} step": count_dispatch(cached_step(refs[n])) for n in args.subjects})
         counts.update({f"N={n} step, router off": count_dispatch(cached_step(refs[n], router=False))
                        for n in args.subjects})
