@@ -19,7 +19,7 @@ def _train(config: dict[str, Any]) -> None:
 
     from ray.train.lightning import prepare_trainer
 
-    from training.__main__ import main
+    from training.__main__ import main, resume_checkpoint
 
     # Relative paths of the config (shards, run folders) mean the launcher's folder, as with torchrun;
     # on a cluster that folder must exist on every node (a shared filesystem).
@@ -35,7 +35,8 @@ def _train(config: dict[str, Any]) -> None:
     ]
     cli = main(args, run=False)
     trainer = prepare_trainer(cli.trainer)
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config["ckpt_path"])
+    # As `python -m training fit`: the checkpoint checked before anything is written, W&B continued.
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume_checkpoint(trainer, config["ckpt_path"]))
 
 
 def main(argv: list[str] | None = None) -> int:
