@@ -35,17 +35,19 @@ class AnyStoryPipeline:
     """`compile=True` (opt-in) runs the routed UNet through `torch.compile(fullgraph=True)` with
     static shapes; on CUDA with CUDA graphs (`mode="reduce-overhead"`), which removes the per-kernel
     launch cost of the routed layers. The first call of each shape compiles (tens of seconds at
-    SDXL size); later calls with the same size, subject count and switches reuse the graphs."""
+    SDXL size); later calls with the same size, subject count and switches reuse the graphs.
+    `compile_options` override torch.compile's arguments (e.g. `{"backend": "aot_eager"}`)."""
 
     def __init__(self, model: AnyStoryModel, components: BaseComponents, compile: bool = False,
-                 compile_mode: str | None = None) -> None:
+                 compile_options: dict | None = None) -> None:
         self.model = model.eval()
         self.components = components
         self.sdxl = sdxl_pipeline(components, unet=model.unet)
         if compile:
-            device = model.unet.device
-            mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
-            self.sdxl.unet = torch.compile(model.unet, fullgraph=True, dynamic=False, mode=mode)
+            cuda = model.unet.device.type == "cuda"
+            options = {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead" if cuda else None,
+                       **(compile_options or {})}
+            self.sdxl.unet = torch.compile(model.unet, **options)
 
     @property
     def device(self) -> torch.device:
