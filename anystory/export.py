@@ -7,7 +7,7 @@ embedded under base/ in the diffusers layout."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -32,20 +32,34 @@ def save_export(
 ) -> Path:
     """Write anystory.safetensors + anystory.json. With `components`, embed the base under base/
     (for bases that exist nowhere else); without, the config's `weights` names where the base is."""
+    write_base = (lambda base: save_components(components, base)) if components is not None else None
+    return write_export(model.adapter_state_dict(), model.config, directory, write_base, dtype, metadata)
+
+
+def write_export(
+    state: dict[str, torch.Tensor],
+    config: AnyStoryConfig,
+    directory: str | Path,
+    write_base: Callable[[Path], object] | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """The writer behind `save_export`, from the adapter tensors alone (no live model: a training
+    checkpoint already holds them). `write_base` fills base/ for an embedded base."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-        for k, v in model.adapter_state_dict().items()
+        for k, v in state.items()
     }
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    config = model.config.to_dict()
-    if components is not None:
-        save_components(components, directory / BASE_DIR)
+    config = config.to_dict()
+    if write_base is not None:
+        write_base(directory / BASE_DIR)
         config["weights"] = {}
     document = {
         "format_version": FORMAT_VERSION,
-        "base_embedded": components is not None,
+        "base_embedded": write_base is not None,
         "config": config,
         "metadata": metadata or {},
     }

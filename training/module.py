@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, load_pretrained
+from anystory.config import AnyStoryConfig
 from anystory.context import ReferenceEncoding
 from anystory.export import load_adapter_weights
 from anystory.losses import routing_iou, routing_loss
@@ -82,8 +83,7 @@ class AnyStoryModule(L.LightningModule):
             raise ValueError(f"frozen_dtype={hp.frozen_dtype} needs mixed precision (trainer.precision: bf16-mixed): "
                              "the trained parts stay float32")
         components = self.build_components()
-        config = get_preset(hp.preset)
-        config.weights = dict(hp.weights or {})
+        config = self.model_config()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             self.model = AnyStoryModel(config, components.unet, components.image_encoder)
@@ -99,6 +99,12 @@ class AnyStoryModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
             self.model.referencenet.unet.enable_gradient_checkpointing()
+
+    def model_config(self) -> AnyStoryConfig:
+        """The config the model (and its export) carries: the preset, and where its base comes from."""
+        config = get_preset(self.hparams.preset)
+        config.weights = dict(self.hparams.weights or {})
+        return config
 
     def init_keys(self) -> set[str] | None:
         """What `init_from` loads: everything (stage 1), or all but the stage-2 set (stage 2 starts its
@@ -117,17 +123,11 @@ class AnyStoryModule(L.LightningModule):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         self.configure_model()
-        expected = set(self.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         own = self.model.adapter_state_dict()
+        check_state(own, state_dict)
         with torch.no_grad():
             for key, value in state_dict.items():
-                target = own[key.removeprefix("model.")]
-                if target.shape != value.shape:
-                    raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                target.copy_(value)
+                own[key.removeprefix("model.")].copy_(value)
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -204,6 +204,18 @@ class AnyStoryModule(L.LightningModule):
         factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_state(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's `model.`-prefixed tensors against the model's adapter tensors (`expected`,
+    possibly on the meta device): the same keys, each of the same shape, or an error naming them."""
+    want = {f"model.{k}": v for k, v in expected.items()}
+    missing, unexpected = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in state_dict.items():
+        if want[key].shape != value.shape:
+            raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want[key].shape)}")
 
 
 def lr_factor(decay: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

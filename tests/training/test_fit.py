@@ -67,7 +67,7 @@ def test_two_stages_export_and_generate(shard_dirs, tmp_path):
     export1 = run1 / "export"  # where the stage-2 config looks for it
     exported = run(["--ckpt", str(run1 / "checkpoints" / "last.ckpt"), "--out", str(export1)], tmp_path,
                    module="training.export").stdout.splitlines()
-    assert exported[0] == f"reading {run1 / 'checkpoints' / 'last.ckpt'} and building its model (the frozen base included)"
+    assert exported[0] == f"reading {run1 / 'checkpoints' / 'last.ckpt'} (its AnyStory tensors; the base is not loaded)"
     assert re.fullmatch(rf"stage 1 at step 3: writing \d+\.\d M AnyStory parameters and the base \(under base/\) to "
                         rf"{re.escape(str(export1))}", exported[1]), exported
     assert exported[-1] == f"wrote {export1}"
