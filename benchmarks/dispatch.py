@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that make the host wait for the device on CUDA: a scalar read (`.item()`, `bool(t)`, `int(t)`),
@@ -53,7 +52,10 @@ class DispatchCount:
         return self.ops.most_common(k)
 
 
-class _Counting(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is entered (`with OpCounter() as c:` or enter/exit
+    by hand, e.g. from a pipeline's step callbacks)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter = Counter()
@@ -63,10 +65,13 @@ class _Counting(TorchDispatchMode):
         self.ops[f"aten.{func.__name__.split('.')[0]}"] += 1
         return func(*args, **(kwargs or {}))
 
+    def result(self) -> DispatchCount:
+        return DispatchCount(Counter(self.ops))
+
 
 def count_dispatch(fn: Callable[[], object]) -> DispatchCount:
     """Aten ops dispatched by one call of fn (run it once before, so that caches are warm)."""
-    mode = _Counting()
-    with mode:
+    counter = OpCounter()
+    with counter:
         fn()
-    return DispatchCount(mode.ops)
+    return counter.result()

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from dispatch import DispatchCount, count_dispatch
+from dispatch import DispatchCount, OpCounter
 from machine import describe_machine
 from PIL import Image
 
@@ -53,21 +53,18 @@ def seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def count_step(pipe_call, steps_to_skip: int) -> DispatchCount:
-    """Ops of one denoising step: the pipeline's step-end callback opens the count after the first
-    `steps_to_skip` steps (which fill the per-call caches) and closes it one step later."""
+def count_step(pipe_call) -> DispatchCount:
+    """Ops of the second denoising step: the pipeline's step-end callback starts the count when
+    the first step (which fills the per-call caches) ends, and stops it when the second ends."""
+    counter = OpCounter()
     counted: list[DispatchCount] = []
-    state: dict = {}
 
     def on_step_end(pipe, step: int, timestep, kwargs):  # diffusers' step-end callback
-        if step == steps_to_skip - 1:
-            from dispatch import _Counting
-
-            state["mode"] = _Counting()
-            state["mode"].__enter__()
-        elif "mode" in state and not counted:
-            state["mode"].__exit__(None, None, None)
-            counted.append(DispatchCount(state["mode"].ops))
+        if step == 0:
+            counter.__enter__()
+        elif step == 1:
+            counter.__exit__(None, None, None)
+            counted.append(counter.result())
         return kwargs
 
     pipe_call(on_step_end)
@@ -133,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             order = list(runs)[round_index % len(runs):] + list(runs)[: round_index % len(runs)]
             for name in order:
                 times[name].append(seconds(runs[name], device))
-        counts = {"plain": count_step(run_plain, 1)}
-        counts.update({f"anystory N={n}": count_step(lambda cb, n=n: run_anystory(variants["anystory"], n, cb), 1)
+        counts = {"plain": count_step(run_plain)}
+        counts.update({f"anystory N={n}": count_step(lambda cb, n=n: run_anystory(variants["anystory"], n, cb))
                        for n in args.subjects})
 
     print("Generation: AnyStoryPipeline vs diffusers' StableDiffusionXLPipeline, same weights and sampler")
