@@ -23,7 +23,8 @@ from anystory.losses import routing_iou, routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
 from training.conditions import Conditions, encode_conditions, seeded_noise
-from training.optim import adamw
+from training.diffusion import min_snr_weights, training_noise
+from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name
 from training.text import TextEncoder
 
 STAGES = (1, 2)
@@ -47,6 +48,9 @@ class AnyStoryModule(L.LightningModule):
         lr_decay: str = "constant",  # or "cosine": to 0 at trainer.max_steps (short runs at a high lr)
         routing_weight: float = 0.1,
         coarse_routing_weight: float = 0.5,  # the coarse map drives the masked attention: supervise it too
+        snr_gamma: float | None = None,  # min-SNR-gamma loss weights (5.0 is the usual value); None: plain loss
+        noise_offset: float = 0.0,  # x a per-channel normal draw added to the noise (0.05-0.1 is usual)
+        optimizer: str = "adamw",  # or "adamw8bit" (bitsandbytes, CUDA)
         gradient_checkpointing: bool = False,
         frozen_dtype: str = "float32",
         val_timesteps: list[int] | None = None,
@@ -57,6 +61,9 @@ class AnyStoryModule(L.LightningModule):
         if self.stage not in STAGES:
             raise TypeError("use Stage1Module or Stage2Module")
         self.save_hyperparameters()
+        check_optimizer_name(optimizer)
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"model.init_args.snr_gamma must be > 0 (or null), got {snr_gamma}")
         self.model: AnyStoryModel | None = None
         self.rejected: Counter = Counter()
 
@@ -130,6 +137,11 @@ class AnyStoryModule(L.LightningModule):
                 own[key.removeprefix("model.")].copy_(value)
         return torch.nn.modules.module._IncompatibleKeys([], [])
 
+    def setup(self, stage: str) -> None:
+        # Before the model is built (minutes for SDXL): an optimizer whose package is missing.
+        if stage == "fit":
+            check_optimizer_available(self.hparams.optimizer)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Settled on the host, before the batch reaches the device: whether any subject is
         # padding. The routed layers then skip the padding masks without reading the GPU.
@@ -145,19 +157,26 @@ class AnyStoryModule(L.LightningModule):
                   **kwargs: Any):
         return self.model(noisy, timesteps, cond.embeds, cond.added, refs, router=self.stage == 2, **kwargs)
 
-    def diffusion_loss(self, noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(noise_pred.float(), noise.float())
+    def diffusion_loss(self, noise_pred: torch.Tensor, noise: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean squared error; with per-sample `weights`, the mean of each sample's error x its weight."""
+        if weights is None:
+            return F.mse_loss(noise_pred.float(), noise.float())
+        per_sample = F.mse_loss(noise_pred.float(), noise.float(), reduction="none").mean(dim=tuple(range(1, noise.ndim)))
+        return (per_sample * weights).mean()
 
     # ----- training -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.count_rejections(batch)
         cond = self.conditions(batch, sample_latents=True)
-        noise = torch.randn_like(cond.latents)
+        noise = training_noise(cond.latents, self.hparams.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (noise.shape[0],),
                                   device=noise.device)
         noisy = self.noise_scheduler.add_noise(cond.latents, noise, timesteps)
         out = self.run_model(noisy, timesteps, cond, self.model.encode_references(cond.subjects))
-        loss = self.diffusion_loss(out.noise_pred, noise)
+        gamma = self.hparams.snr_gamma
+        weights = min_snr_weights(self.noise_scheduler, timesteps, gamma) if gamma is not None else None
+        loss = self.diffusion_loss(out.noise_pred, noise, weights)
         logs = {"train/loss_diffusion": loss.detach()}
         if self.stage == 2:
             route, by_size = routing_loss(out.routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)
@@ -199,7 +218,8 @@ class AnyStoryModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]
-        optimizer = adamw(params, self.hparams.lr, self.hparams.weight_decay, self.device)
+        optimizer = build_optimizer(self.hparams.optimizer, params, self.hparams.lr, self.hparams.weight_decay,
+                                    self.device)
         total = self.trainer.max_steps if self._trainer is not None else -1
         factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

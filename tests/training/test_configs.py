@@ -31,3 +31,14 @@ def test_sdxl_without_weights_names_the_key(tmp_path):
     )
     assert proc.returncode != 0
     assert "weights.base is not set" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2", "sdxl_stage1", "sdxl_stage2"])
+def test_gradient_clipping_on_for_sdxl_off_for_the_toy(name):
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    clip = config["trainer"].get("gradient_clip_val")
+    assert clip == (1.0 if name.startswith("sdxl") else None)
+    args = config["model"]["init_args"]
+    # The other controls are off in every shipped config (the paper's loss).
+    assert args.get("snr_gamma") is None and args.get("noise_offset", 0.0) == 0.0
+    assert args.get("optimizer", "adamw") == "adamw"
