@@ -22,6 +22,7 @@ import torch
 from anystory.components import build_random, save_components
 from anystory.export import write_export
 from anystory.model import AnyStoryModel
+from training.ema import CHECKPOINT_KEY as EMA_KEY
 from training.module import AnyStoryModule, check_state
 
 ALLOWED = {"training.module.Stage1Module", "training.module.Stage2Module"}
@@ -74,16 +75,32 @@ def base_writer(module: AnyStoryModule) -> Callable[[Path], object] | None:
     return lambda target: save_components(components, target)
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+def ema_state(ckpt: str | Path, checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's state_dict with the EMA tensors (training.ema.EMA) in place of the raw ones."""
+    ema = checkpoint.get(EMA_KEY)
+    if not ema:
+        raise CheckpointError(f"{ckpt}: no EMA weights ({EMA_KEY}): train with the callback training.ema.EMA "
+                              "in trainer.callbacks, or export without --ema")
+    state = dict(checkpoint["state_dict"])
+    unknown = sorted(f"model.{k}" for k in ema if f"model.{k}" not in state)
+    if unknown:
+        raise CheckpointError(f"{ckpt}: {EMA_KEY} holds tensors the model does not have: {unknown[:5]}")
+    state.update({f"model.{k}": v.to(state[f"model.{k}"].dtype) for k, v in ema.items()})
+    return state
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, ema: bool = False) -> Path:
     print(f"reading {ckpt} (its AnyStory tensors; the base is not loaded)", flush=True)
     module, checkpoint = read_checkpoint(ckpt)
-    state = checkpoint["state_dict"]
+    state = ema_state(ckpt, checkpoint) if ema else checkpoint["state_dict"]
     try:
         check_state(meta_adapter_state(module), state)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt}: {err.args[0]}") from None
     write_base = base_writer(module)
     metadata = {"stage": module.stage, "global_step": int(checkpoint["global_step"]), "checkpoint": str(ckpt)}
+    if ema:
+        metadata["ema"] = True
     weights = sum(v.numel() for v in state.values())
     print(f"stage {module.stage} at step {metadata['global_step']}: writing {weights / 1e6:.1f} M AnyStory parameters"
           f"{' and the base (under base/)' if write_base else ''} to {out}", flush=True)
@@ -98,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="store the AnyStory weights in this dtype (default: as trained)")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the EMA weights of the trained parts (callback training.ema.EMA)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.ckpt, args.out, args.dtype)
+        out = export_checkpoint(args.ckpt, args.out, args.dtype, args.ema)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
