@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import typed_config
+from anystory import typed_config
 
 
 @dataclass

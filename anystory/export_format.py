@@ -12,7 +12,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from anystory.config import AnyStoryConfig
-from pipelines.typed_config import ConfigError
+from anystory.typed_config import ConfigError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "anystory.safetensors"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from anystory.crop import REF_MARGIN, cut_square, mask_box
 from anystory.model import Subjects
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -26,22 +27,6 @@ def split_mask(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Imag
     if not mask_arr.any():
         raise ValueError("the reference mask is empty")
     return rgb, mask_arr
-
-
-def square_crop(image: np.ndarray, mask: np.ndarray, margin: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
-    """Square crop around the mask's box with a relative margin, zero-padded where it leaves the image."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = int(round(max(y1 - y0, x1 - x0) * (1 + 2 * margin)))
-    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-    top, left = cy - side // 2, cx - side // 2
-    out_img = np.zeros((side, side, 3), dtype=image.dtype)
-    out_mask = np.zeros((side, side), dtype=bool)
-    sy0, sx0 = max(top, 0), max(left, 0)
-    sy1, sx1 = min(top + side, image.shape[0]), min(left + side, image.shape[1])
-    out_img[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
-    out_mask[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = mask[sy0:sy1, sx0:sx1]
-    return out_img, out_mask
 
 
 def reference_tensors(
@@ -64,11 +49,12 @@ def reference_tensors(
 
 
 def prepare_reference(
-    image: Image.Image, mask: Image.Image | None, clip_size: int, ref_size: int, margin: float = 0.04
+    image: Image.Image, mask: Image.Image | None, clip_size: int, ref_size: int, margin: float = REF_MARGIN
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A user's reference (image + mask, or an RGBA image) -> the three tensors of `reference_tensors`."""
+    """A user's reference (image + mask, or an RGBA image) -> the three tensors of `reference_tensors`,
+    cropped as the data build crops the references the model was trained on."""
     rgb, mask_arr = split_mask(image, mask)
-    crop, crop_mask = square_crop(np.asarray(rgb), mask_arr, margin)
+    crop, crop_mask = cut_square(np.asarray(rgb), mask_arr, mask_box(mask_arr), margin)
     return reference_tensors(crop, crop_mask, clip_size, ref_size)
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import yaml
 
+from anystory.typed_config import ConfigError, convert, from_dict, to_dict
 from pipelines.sources import SOURCE_TYPES
-from pipelines.typed_config import ConfigError, convert, from_dict, to_dict
 
 # Bump when a change of code changes what a shard contains: done shards of another version are redone.
 PIPELINE_VERSION = "2"  # 2: subjects stacked in fixed members (pipelines/shards/contract.py)

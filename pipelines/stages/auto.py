@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from anystory.typed_config import ConfigError
 from pipelines.batch import Batch, ensure_column, live_rows, reject
-from pipelines.typed_config import ConfigError
 
 
 def build_auto_config(model: dict[str, Any]):

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from anystory.typed_config import ConfigError
 from pipelines.batch import Batch, ensure_column, live_rows, reject
-from pipelines.typed_config import ConfigError
 
 
 class ImageScorer(Protocol):

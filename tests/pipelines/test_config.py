@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from anystory.typed_config import ConfigError
 from pipelines.config import load_data_config, params_hash, parse_data_config
-from pipelines.typed_config import ConfigError
 from tests.pipelines.helpers import REPO, base_params
 
 

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from anystory.crop import square_box
 from pipelines.config import RefsConfig
-from pipelines.stages.refs import CutReferences, crop_reference, square_crop_box
+from pipelines.stages.refs import CutReferences, crop_reference
 
 
 def test_square_crop_is_centred_with_margin():
-    assert square_crop_box([10, 20, 30, 60], 0.1) == (-4, 16, 48)  # side 40 * 1.2, centre (20, 40)
+    assert square_box([10, 20, 30, 60], 0.1) == (-4, 16, 48)  # side 40 * 1.2, centre (20, 40)
 
 
 def test_crop_content_mask_and_zero_padding():
