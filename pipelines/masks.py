@@ -8,72 +8,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
-# ---- COCO RLE (column-major runs, starting with a run of zeros) -------------------------------
+# ---- COCO RLE (column-major runs, starting with a run of zeros): pycocotools is the codec ---------
 
 
 def rle_encode(mask: np.ndarray) -> dict:
     """Compressed COCO RLE ({"size": [h, w], "counts": str}) of a bool mask."""
-    h, w = mask.shape
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_runs(mask: np.ndarray) -> list[int]:
+    """The uncompressed COCO counts of a bool mask (pycocotools only writes the compressed form)."""
     flat = np.asarray(mask, dtype=bool).ravel(order="F")
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0] + runs
-    return {"size": [int(h), int(w)], "counts": _counts_to_string(runs)}
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return [0, *runs] if flat.size and flat[0] else runs
 
 
 def rle_decode(rle: dict) -> np.ndarray:
     """Bool mask from a COCO RLE whose counts are a compressed string or a list of ints."""
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
-    runs = _string_to_counts(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    if sum(runs) != h * w:
-        raise ValueError(f"RLE runs sum to {sum(runs)}, expected {h * w} for size {h}x{w}")
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, runs)
-    return flat.reshape((w, h)).T.copy()
+    if not isinstance(counts, (str, bytes)):
+        runs = [int(c) for c in counts]
+        if sum(runs) != h * w or min(runs, default=0) < 0:
+            raise ValueError(f"RLE runs {runs[:6]}... are not {h * w} pixels (size {h}x{w}) in runs >= 0")
+        return _bool(mask_util.decode(mask_util.frPyObjects({"size": [h, w], "counts": runs}, h, w)))
+    text = counts.encode("ascii") if isinstance(counts, str) else counts
+    mask = _bool(mask_util.decode({"size": [h, w], "counts": text}))
+    # pycocotools rejects runs past h*w but fills the pixels after runs that stop short with whatever
+    # memory held (measured, 2.0.11): a well-formed string is the one the decoded mask encodes to.
+    if mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))["counts"] != text:
+        raise ValueError(f"RLE counts do not describe a {h}x{w} mask")
+    return mask
 
 
-def _counts_to_string(runs: Sequence[int]) -> str:
-    # COCO's LEB128-like text form: each run (after the first two, as a delta to the run two
-    # before) in 5-bit groups, continuation bit 0x20, offset by 48 into printable ASCII.
-    out = []
-    for i, run in enumerate(runs):
-        x = int(run) - (int(runs[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
-
-
-def _string_to_counts(s: str | bytes) -> list[int]:
-    if isinstance(s, bytes):
-        s = s.decode("ascii")
-    runs: list[int] = []
-    p = 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
+def _bool(decoded: np.ndarray) -> np.ndarray:
+    # pycocotools returns a Fortran-ordered uint8 array; masks in memory are C-ordered bool.
+    return np.ascontiguousarray(decoded, dtype=bool)
 
 
 # ---- polygons ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from pipelines.masks import mask_bbox, rle_decode, rle_encode
+from pipelines.masks import mask_bbox, rle_encode, rle_runs
 from pipelines.toyworld.catalogue import SHAPES, Identity
 from pipelines.toyworld.render import Placement, background, caption, compose, polygon
 
@@ -34,15 +34,8 @@ def segmentation(ann_index: int, p: Placement, visible: np.ndarray, full: np.nda
         return [polygon(p).ravel().tolist()]
     rle = rle_encode(visible)
     if ann_index % 3 == 0:
-        rle = {"size": rle["size"], "counts": _uncompressed_counts(visible)}
+        rle = {"size": rle["size"], "counts": rle_runs(visible)}
     return rle
-
-
-def _uncompressed_counts(mask: np.ndarray) -> list[int]:
-    flat = mask.ravel(order="F")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
-    return ([0] + runs) if flat[0] else runs
 
 
 def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_subjects: int, seed: int,
@@ -79,4 +72,4 @@ def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_sub
     return {"images": num, "annotations": len(coco["annotations"])}
 
 
-__all__ = ["write_images", "rle_decode"]
+__all__ = ["write_images"]
