@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, load_pretrained
 from anystory.config import AnyStoryConfig
@@ -224,6 +225,23 @@ class AnyStoryModule(L.LightningModule):
         factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it must not clip the
+        # fp16 GradScaler's scaled gradients, which a fused step unscales itself). Without a scaler
+        # (bf16-mixed, 32-true) the gradients are the true ones and clipping them is exact, as
+        # Lightning's own path does for other optimizers. Sharded strategies keep Lightning's path.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if (gradient_clip_val and scaler is None
+                and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def check_state(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> None:

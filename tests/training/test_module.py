@@ -3,12 +3,15 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER
+from training.data.datamodule import ShardDataModule
+from training.data.sample import SampleConfig
 from training.diffusion import min_snr_weights, training_noise
 from training.module import Stage1Module, lr_factor
 from training.optim import OptimizerUnavailable, build_optimizer
@@ -104,3 +107,36 @@ def test_adamw_is_foreach_on_the_cpu():
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = build_optimizer("adamw", params, 1e-3, 0.0, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["foreach"] is True
+
+
+class FusedStage1(Stage1Module):
+    """Stage 1 with the optimizer a CUDA device gets (fused AdamW, which the CPU also has), recording
+    the trainable gradients' norm before and after clipping."""
+
+    norms: list[tuple[float, float]]
+
+    def configure_optimizers(self):
+        self.norms = []
+        return torch.optim.AdamW([p for p in self.trainable.values()], lr=1e-4, fused=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        norm = lambda: float(torch.linalg.vector_norm(  # noqa: E731
+            torch.stack([p.grad.double().norm() for p in self.trainable.values() if p.grad is not None])))
+        before = norm()
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.norms.append((before, norm()))
+
+
+def test_clipping_with_a_fused_adamw_under_bf16_mixed(shard_dirs, tmp_path):
+    # Lightning's mixed-precision plugin alone raises here ("does not allow for gradient clipping").
+    module = FusedStage1(preset="tiny", tokenizer_dir=str(tmp_path / "tok"))
+    data = ShardDataModule(
+        train_shards=[str(shard_dirs["train"])], val_shards=[str(shard_dirs["val"])], batch_size=2, num_workers=0,
+        batches_per_epoch=1, shuffle_buffer=1, sample=SampleConfig(resolution=64, clip_size=32, ref_size=64),
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=1,
+                        logger=False, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    ((before, after),) = module.norms
+    assert before > 1e-2 and after == pytest.approx(1e-3, rel=1e-3)
