@@ -34,9 +34,10 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(path: str | Path) -> tuple[AnyStoryModule, dict]:
     """The stage module (hyper-parameters only: configure_model is not called, nothing is built)
-    and the checkpoint, read with weights_only=True: nothing is unpickled."""
+    and the checkpoint, read with weights_only=True: nothing is unpickled. Memory-mapped: the
+    optimizer state (twice the weights, for Adam) is never read."""
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
     hparams = dict(checkpoint.get("hyper_parameters") or {})
