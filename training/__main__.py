@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
+from training.optim import OptimizerUnavailable
 from training.progress import StepProgress, StepProgressBar
 
 
@@ -80,7 +81,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         )
     except UnreadableShards as err:
         message = UnreadableShards.one_line(err)
-    except (NoShards, CheckpointError) as err:
+    except (NoShards, CheckpointError, OptimizerUnavailable) as err:
         message = str(err)
     print(f"python -m training: error: {message}", file=sys.stderr)
     raise SystemExit(2)
