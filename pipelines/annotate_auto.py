@@ -3,8 +3,8 @@ from those boxes.
 
 `AutoAnnotator` loads both models once (one per Ray actor) and maps a batch (dict of columns) to the same
 batch plus `subjects` (per row a list of `{label, bbox, score, mask, mask_score}`) and `annotate_error`
-(None, or `"<reason>: <detail>"` with reason in `bad_image`, `no_labels`, `detector_failed`,
-`segmenter_failed`, so the build can histogram rejections by the part before the colon).
+(None, or an `AnnotateError(reason, detail)` with reason in `bad_image`, `no_labels`, `detector_failed`,
+`segmenter_failed`: the build counts rejections by reason and keeps the detail for the status table).
 
 GroundingDINO runs batched through its own forward (one caption per image), grouping images that resize to
 the same size; SAM runs `set_image` per image, then one `predict_torch` with all boxes of that image.
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -350,13 +350,13 @@ def build_models(config: AutoAnnotateConfig) -> tuple[torch.nn.Module, torch.nn.
 
 def _check_image(image: Any, min_side: int) -> np.ndarray:
     if not isinstance(image, np.ndarray):
-        raise ValueError(f"bad_image: {type(image).__name__}, expected a numpy array")
+        raise ValueError(f"{type(image).__name__}, expected a numpy array")
     if image.dtype != np.uint8:
-        raise ValueError(f"bad_image: dtype {image.dtype}, expected uint8")
+        raise ValueError(f"dtype {image.dtype}, expected uint8")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"bad_image: shape {image.shape}, expected HxWx3")
+        raise ValueError(f"shape {image.shape}, expected HxWx3")
     if min(image.shape[:2]) < min_side:
-        raise ValueError(f"bad_image: {image.shape[0]}x{image.shape[1]} is below min_image_side={min_side}")
+        raise ValueError(f"{image.shape[0]}x{image.shape[1]} is below min_image_side={min_side}")
     return np.ascontiguousarray(image)
 
 
@@ -369,6 +369,17 @@ def clip_mask_to_box(mask: np.ndarray, box: Sequence[float], margin: float) -> n
     inside = np.zeros_like(mask, dtype=bool)
     inside[rows, cols] = True
     return mask & inside
+
+
+class AnnotateError(NamedTuple):
+    """Why a row got no subjects: `reason` is what the build's stats count, `detail` says what happened."""
+
+    reason: str
+    detail: str
+
+    @classmethod
+    def from_exception(cls, reason: str, err: BaseException) -> AnnotateError:
+        return cls(reason, f"{type(err).__name__}: {err}")
 
 
 @dataclass
@@ -409,57 +420,57 @@ class AutoAnnotator:
         images, captions = batch["image"], batch["caption"]
         given = batch.get("labels")
         subjects: list[list[dict[str, Any]]] = [[] for _ in range(len(images))]
-        errors: list[str | None] = [None] * len(images)
+        errors: list[AnnotateError | None] = [None] * len(images)
         rows: list[_Row] = []
         for i, image in enumerate(images):
             try:
                 image = _check_image(image, self.config.min_image_side)
             except ValueError as err:
-                errors[i] = str(err)
+                errors[i] = AnnotateError("bad_image", str(err))
                 continue
             row_labels = given[i] if given is not None else None
             if row_labels is not None:
                 labels = clean_labels([row_labels] if isinstance(row_labels, str) else row_labels)
                 if not labels:
-                    errors[i] = "no_labels: the given label list is empty"
+                    errors[i] = AnnotateError("no_labels", "the given label list is empty")
                     continue
             else:
                 labels = extract_noun_phrases(captions[i] if isinstance(captions[i], str) else "")
                 if not labels:
-                    errors[i] = "no_labels: no noun phrase in the caption"
+                    errors[i] = AnnotateError("no_labels", "no noun phrase in the caption")
                     continue
             rows.append(_Row(i, image, labels[: self.config.max_labels]))
 
         for row, detections in zip(rows, self._detect_all(rows), strict=True):
-            if isinstance(detections, str):
+            if isinstance(detections, AnnotateError):
                 errors[row.index] = detections
                 continue
             try:
                 subjects[row.index] = self._segment(row.image, detections)
             except Exception as err:  # one row's failure must not lose the batch
-                errors[row.index] = f"segmenter_failed: {type(err).__name__}: {err}"
+                errors[row.index] = AnnotateError.from_exception("segmenter_failed", err)
         return {**batch, "subjects": subjects, "annotate_error": errors}
 
-    def _detect_all(self, rows: list[_Row]) -> list[list[_Detection] | str]:
-        """Detections, or a `detector_failed` reason, per row.
+    def _detect_all(self, rows: list[_Row]) -> list[list[_Detection] | AnnotateError]:
+        """Detections, or a `detector_failed` error, per row.
 
         Only images with the same resized size share a forward: padding changes a smaller image's backbone
         features, so its boxes would otherwise depend on the images it happened to be batched with.
         """
-        out: list[list[_Detection] | str] = [[] for _ in rows]
+        out: list[list[_Detection] | AnnotateError] = [[] for _ in rows]
         groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
         for k, row in enumerate(rows):
             try:
                 tensor = self._preprocess(row.image)
             except Exception as err:  # e.g. an extreme aspect ratio that resizes to zero pixels
-                out[k] = f"detector_failed: {type(err).__name__}: {err}"
+                out[k] = AnnotateError.from_exception("detector_failed", err)
                 continue
             groups.setdefault(tuple(tensor.shape), []).append((k, tensor))
         size = self.config.gdino_batch_size
         for group in groups.values():
             for start in range(0, len(group), size):
                 chunk = group[start : start + size]
-                results: list[list[_Detection] | str]
+                results: list[list[_Detection] | AnnotateError]
                 try:
                     results = list(self._detect([rows[k] for k, _ in chunk], [t for _, t in chunk]))
                 except Exception:  # rerun row by row so only a failing row is rejected
@@ -468,7 +479,7 @@ class AutoAnnotator:
                         try:
                             results += self._detect([rows[k]], [tensor])
                         except Exception as err:
-                            results.append(f"detector_failed: {type(err).__name__}: {err}")
+                            results.append(AnnotateError.from_exception("detector_failed", err))
                 for (k, _), result in zip(chunk, results, strict=True):
                     out[k] = result
         return out

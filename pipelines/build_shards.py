@@ -78,7 +78,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 
 def check_auto(cfg: DataConfig) -> None:
     if cfg.annotate.mode == "auto":
-        from pipelines.stages.auto import build_auto_config
+        from pipelines.stages.annotate_auto import build_auto_config
 
         build_auto_config(cfg.annotate.auto.model)
 

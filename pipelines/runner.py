@@ -4,20 +4,28 @@ A shard travels as a payload {spec, rows, timings}. Stages are grouped: consecut
 together in one Ray task per shard (no serialisation between them); a model stage is its own group,
 run by a pool of Ray actors that load weights once. `run_local` applies the very same groups in
 this process, which is what the single-process benchmark baseline and `--runner local` use.
+
+Three kinds of step, typed as such: the shard's `Source` (its spec -> the input rows) opens the first
+group, `Stage`s (rows -> rows, pipelines/stages) follow, and its `Sink` (spec, rows, timings -> stats)
+closes the last group. Only the source and the sink do I/O, and they need what a stage never sees
+(the spec, the timings the stats file records), so they are not stages with a special name.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pipelines.batch import Batch, ensure_column, from_rows, reject
 from pipelines.config import DataConfig
 from pipelines.shards.writer import WriteShard
 from pipelines.sources import build_source
+from pipelines.stages import Stage
+from pipelines.stages.annotate_auto import AnnotateAuto
 from pipelines.stages.annotate_given import AnnotateGiven
-from pipelines.stages.auto import AutoAnnotate
 from pipelines.stages.decode import DecodeImages
 from pipelines.stages.decode_video import DecodeVideos
 from pipelines.stages.encode import EncodeSamples
@@ -31,14 +39,20 @@ from pipelines.stages.scores import ScoreImages
 Payload = dict[str, Any]
 
 
+class Source(Protocol):
+    def __call__(self, spec: dict[str, Any]) -> Batch: ...
+
+
+class Sink(Protocol):
+    def __call__(self, spec: dict[str, Any], rows: Batch, timings: dict[str, float]) -> dict[str, Any]: ...
+
+
 @dataclass
 class ReadShard:
     """The only source I/O: records of the shard's units."""
 
-    def __call__(self, payload: Payload) -> Payload:
-        spec = payload["spec"]
-        payload["rows"] = from_rows(list(build_source(spec["source_cfg"]).read(spec["units"])))
-        return payload
+    def __call__(self, spec: dict[str, Any]) -> Batch:
+        return from_rows(list(build_source(spec["source_cfg"]).read(spec["units"])))
 
 
 @dataclass
@@ -50,7 +64,7 @@ class OnFrames:
     for it, rather than later for what follows from it (`no_subjects`).
     """
 
-    stage: Any
+    stage: Stage
     columns: tuple[str, ...] = ("subjects", "dropped")
     video_reasons: tuple[str, ...] = ()
 
@@ -73,22 +87,23 @@ class OnFrames:
 
 @dataclass
 class Group:
-    """Stages that run together in one process. `stages` build lazily (weights load in the worker)."""
+    """Steps that run together in one process: the shard's source (first group only), stages by name
+    (built lazily: weights load in the worker), the shard's sink (last group only)."""
 
     name: str
     cfg: DataConfig
     kind: str
-    out_url: str
-    steps: list[str]
+    stages: list[str]
     compute: Literal["tasks", "actors"] = "tasks"
     num_gpus: float = 0.0
     concurrency: int = 1
-    _built: list[tuple[str, Any]] | None = field(default=None, repr=False)
+    source: Source | None = None
+    sink: Sink | None = None
+    _built: list[tuple[str, Stage]] | None = field(default=None, repr=False)
 
-    def build(self, spec: dict[str, Any]) -> list[tuple[str, Any]]:
+    def build(self, spec: dict[str, Any]) -> list[tuple[str, Stage]]:
         cfg, video = self.cfg, self.kind == "paired"
         make = {
-            "read": lambda: ReadShard(),
             "decode": lambda: DecodeVideos(cfg.decode, cfg.video) if video else DecodeImages(cfg.decode),
             "scenes": lambda: DetectScenes(cfg.video),
             "dedupe": lambda: DropDuplicates(cfg.filter.dedupe),
@@ -97,16 +112,15 @@ class Group:
                               else ScoreImages(cfg.filter.score_filters)),
             "annotate_given": lambda: OnFrames(AnnotateGiven()) if video else AnnotateGiven(),
             "annotate_auto": lambda: (
-                OnFrames(AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size),
+                OnFrames(AnnotateAuto(cfg.annotate.auto.model, cfg.annotate.auto.batch_size),
                          video_reasons=("no_labels",)) if video
-                else AutoAnnotate(cfg.annotate.auto.model, cfg.annotate.auto.batch_size)),
+                else AnnotateAuto(cfg.annotate.auto.model, cfg.annotate.auto.batch_size)),
             "filter": lambda: OnFrames(FilterSubjects(cfg.filter)) if video else FilterSubjects(cfg.filter),
             "refs": lambda: CutReferences(cfg.refs),
             "pairs": lambda: MakePairs(cfg.video, cfg.refs),
             "encode": lambda: EncodeSamples(spec["source"], self.kind, spec["params_hash"], cfg.shards),
-            "write": lambda: WriteShard(self.out_url),
         }
-        return [(name, make[name]()) for name in self.steps]
+        return [(name, make[name]()) for name in self.stages]
 
     def __call__(self, payload: Payload) -> Payload:
         # Model groups keep their stages (weights) for the life of the actor; CPU stages are cheap and
@@ -116,35 +130,43 @@ class Group:
             stages = self._built
         else:
             stages = self.build(payload["spec"])
-        timings = payload.setdefault("timings", {})
+        spec, timings = payload["spec"], payload.setdefault("timings", {})
+        if self.source is not None:
+            with _timed(timings, "read"):
+                payload["rows"] = self.source(spec)
         for name, stage in stages:
-            start = time.perf_counter()
-            if name == "read":
-                payload = stage(payload)
-            elif name == "write":
-                payload["stats"] = stage(payload["spec"], payload["rows"], timings)
-                payload["rows"] = None
-            else:
+            with _timed(timings, name):
                 payload["rows"] = stage(payload["rows"])
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        if self.sink is not None:
+            with _timed(timings, "write"):  # after the sink: its stats record the timings before it
+                payload["stats"] = self.sink(spec, payload["rows"], timings)
+            payload["rows"] = None
         return payload
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def make_groups(cfg: DataConfig, kind: str, out_url: str) -> list[Group]:
     auto = cfg.annotate.mode == "auto"
     score = ["score"] if cfg.filter.score_filters else []
     if kind == "unpaired":
-        first = ["read", "decode", "dedupe", "near_dupes"] + ([] if auto else ["annotate_given"])
-        last = ["filter", *score, "refs", "encode", "write"]
+        first = ["decode", "dedupe", "near_dupes"] + ([] if auto else ["annotate_given"])
+        last = ["filter", *score, "refs", "encode"]
     else:
-        first = ["read", "decode", "scenes"] + ([] if auto else ["annotate_given"])
-        last = ["filter", *score, "pairs", "encode", "write"]
+        first = ["decode", "scenes"] + ([] if auto else ["annotate_given"])
+        last = ["filter", *score, "pairs", "encode"]
+    read, write = ReadShard(), WriteShard(out_url)
     if not auto:
-        return [Group("build", cfg, kind, out_url, first + last)]
+        return [Group("build", cfg, kind, first + last, source=read, sink=write)]
     a = cfg.annotate.auto
-    return [Group("prepare", cfg, kind, out_url, first),
-            Group("annotate_auto", cfg, kind, out_url, ["annotate_auto"], "actors", a.num_gpus, a.concurrency),
-            Group("finish", cfg, kind, out_url, last)]
+    return [Group("prepare", cfg, kind, first, source=read),
+            Group("annotate_auto", cfg, kind, ["annotate_auto"], "actors", a.num_gpus, a.concurrency),
+            Group("finish", cfg, kind, last, sink=write)]
 
 
 def run_local(payload: Payload, groups: list[Group]) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""Stage 2, `auto`: the GroundingDINO + SAM annotator (pipelines/annotate_auto.py) over live rows.
+"""Stage 2, `annotate_auto`: the GroundingDINO + SAM annotator (pipelines/annotate_auto.py) over live rows.
 
 Only live rows go to the model, in batches of `batch_size` images; its `subjects` come back in the
 same layout as AnnotateGiven's (masks stay HxW bool arrays: rows cross Ray boundaries pickled, not
-as Arrow columns). A row the annotator reports in `annotate_error` is rejected with the reason part
-of that message (the rest goes to `reject_detail`, for the status table). The model is built once
-per instance (once per Ray actor).
+as Arrow columns). A row the annotator reports in `annotate_error` is rejected with that error's
+reason; its detail goes to `reject_detail`, for the status table. The model is built once per
+instance (once per Ray actor).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def build_auto_config(model: dict[str, Any]):
     return cfg
 
 
-class AutoAnnotate:
+class AnnotateAuto:
     def __init__(self, model: dict[str, Any], batch_size: int):
         from pipelines.annotate_auto import AutoAnnotator
 
@@ -48,10 +48,9 @@ class AutoAnnotate:
             out = self.annotator(inp)
             errors = out.get("annotate_error") or [None] * len(chunk)
             for i, subjects, error in zip(chunk, out["subjects"], errors, strict=True):
-                if error:  # "<reason>: <detail>": the reason is what the stats count, the detail is kept
-                    reason, _, detail = error.partition(":")
-                    reject(batch, i, reason.strip())
-                    ensure_column(batch, "reject_detail")[i] = detail.strip() or None
+                if error is not None:
+                    reject(batch, i, error.reason)
+                    ensure_column(batch, "reject_detail")[i] = error.detail or None
                     continue
                 batch["subjects"][i] = [dict(s, score=float(s["score"]), bbox=[float(v) for v in s["bbox"]])
                                         for s in subjects]

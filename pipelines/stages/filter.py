@@ -17,19 +17,23 @@ from pipelines.config import FilterConfig
 from pipelines.masks import box_area, box_intersection, mask_iou
 
 
-def subject_drop_reason(s: dict, image_area: int, cfg: FilterConfig) -> str | None:
+def subject_measures(s: dict, image_area: int) -> dict[str, float]:
+    """`area_frac` (mask pixels / image pixels) and `box_fill` (mask pixels / box pixels) of a subject."""
+    pixels = int(np.count_nonzero(s["mask"]))
+    return {"area_frac": pixels / image_area, "box_fill": pixels / max(box_area(s["bbox"]), 1.0)}
+
+
+def subject_drop_reason(s: dict, measures: dict[str, float], cfg: FilterConfig) -> str | None:
+    """Why the filter drops subject `s` (whose `subject_measures` are given), or None to keep it."""
     if s["score"] < cfg.min_score:
         return "low_score"
-    pixels = int(np.count_nonzero(s["mask"]))
-    s["area_frac"] = pixels / image_area
-    if s["area_frac"] < cfg.min_area_frac:
+    if measures["area_frac"] < cfg.min_area_frac:
         return "small_area"
-    if s["area_frac"] > cfg.max_area_frac:
+    if measures["area_frac"] > cfg.max_area_frac:
         return "large_area"
-    x0, y0, x1, y1 = s["bbox"]
-    s["box_fill"] = pixels / max(box_area(s["bbox"]), 1.0)
-    if s["box_fill"] < cfg.min_box_fill:
+    if measures["box_fill"] < cfg.min_box_fill:
         return "sparse_mask"
+    x0, y0, x1, y1 = s["bbox"]
     w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
     if max(w / h, h / w) > cfg.max_box_aspect:
         return "box_aspect"
@@ -71,8 +75,9 @@ class FilterSubjects:
             dropped: list[str] = []
             kept = []
             for s in batch["subjects"][i]:
-                reason = subject_drop_reason(s, h * w, self.cfg)
-                (dropped.append(reason) if reason else kept.append(s))
+                measures = subject_measures(s, h * w)
+                reason = subject_drop_reason(s, measures, self.cfg)
+                (dropped.append(reason) if reason else kept.append({**s, **measures}))
             drops = overlap_drops(kept, self.cfg)
             dropped.extend(drops.values())
             kept = [s for k, s in enumerate(kept) if k not in drops]

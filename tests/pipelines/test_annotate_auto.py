@@ -245,10 +245,11 @@ def test_bad_rows_get_errors_and_good_rows_are_unaffected(
     out = annotator(batch)
     errors = out["annotate_error"]
     assert errors[1] is None
-    reasons = [e.split(":")[0] for i, e in enumerate(errors) if i != 1]
+    reasons = [e.reason for i, e in enumerate(errors) if i != 1]
     assert reasons == ["bad_image"] * 3 + ["no_labels"] * 2 + ["detector_failed"]
-    assert "1x1" in errors[0] and "float32" in errors[2] and "HxWx3" in errors[3]
-    assert "caption" in errors[4] and "label list" in errors[5]
+    assert errors[0].detail == f"1x1 is below min_image_side={annotator.config.min_image_side}"
+    assert "float32" in errors[2].detail and "HxWx3" in errors[3].detail
+    assert "caption" in errors[4].detail and "label list" in errors[5].detail
     assert [out["subjects"][i] for i in (0, 2, 3, 4, 5, 6)] == [[]] * 6
     _assert_same_subjects(out["subjects"][1], good["subjects"][0])
 
@@ -273,12 +274,12 @@ def test_a_model_failure_rejects_only_its_row(
 
     monkeypatch.setattr(annotator, "_detect", failing_detect)
     out = annotator({"image": images, "caption": CAPTIONS, "labels": [["boom"], None]})
-    assert out["annotate_error"] == ["detector_failed: RuntimeError: detector exploded", None]
+    assert out["annotate_error"] == [("detector_failed", "RuntimeError: detector exploded"), None]
     _assert_same_subjects(out["subjects"][1], alone["subjects"][0])
     monkeypatch.setattr(annotator, "_detect", detect)
     monkeypatch.setattr(annotator, "_segment", failing_segment)
     out = annotator({"image": images, "caption": CAPTIONS})
-    assert out["annotate_error"] == ["segmenter_failed: RuntimeError: segmenter exploded", None]
+    assert out["annotate_error"] == [("segmenter_failed", "RuntimeError: segmenter exploded"), None]
     assert out["subjects"][0] == []
     _assert_same_subjects(out["subjects"][1], alone["subjects"][0])
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from pipelines.config import FilterConfig
 from pipelines.masks import mask_bbox
-from pipelines.stages.filter import DropDuplicates, FilterSubjects
+from pipelines.stages.filter import DropDuplicates, FilterSubjects, subject_drop_reason, subject_measures
 
 
 def subject(y0, x0, y1, x1, score=1.0, size=100, fill=None):
@@ -36,6 +36,19 @@ def test_each_subject_threshold():
     assert len(out["subjects"][0]) == 1 and out["subjects"][0][0]["area_frac"] == 0.09
     assert sorted(out["dropped"][0]) == sorted(["low_score", "small_area", "large_area", "sparse_mask", "box_aspect"])
     assert out["reject"] == [None]
+
+
+def test_the_check_reads_a_subject_without_changing_it():
+    s = subject(10, 10, 40, 40, fill=0.5)  # rows 10-24 of the 30x30 box, plus its last pixel: 451 pixels
+    keys = set(s)
+    measures = subject_measures(s, 100 * 100)
+    assert measures == {"area_frac": 451 / 10000, "box_fill": 451 / 900}
+    assert subject_drop_reason(s, measures, FilterConfig(min_area_frac=0.05)) == "small_area"
+    assert subject_drop_reason(s, measures, FilterConfig(min_area_frac=0.04, min_box_fill=0.6)) == "sparse_mask"
+    assert subject_drop_reason(s, measures, FilterConfig(min_area_frac=0.04, min_box_fill=0.5)) is None
+    out = run([[s]], FilterConfig(min_area_frac=0.04, min_box_fill=0.5))
+    assert set(s) == keys  # the kept subject is a new dict with the measures
+    assert {k: out["subjects"][0][0][k] for k in measures} == measures
 
 
 def test_boundaries_are_inclusive():
