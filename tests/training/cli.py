@@ -39,7 +39,11 @@ class PauseEachStep(L.Callback):
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+    # A test that used W&B in this process left WANDB_SERVICE pointing at its wandb-core service;
+    # a child inheriting it would share that service (and a killed child's run would stay open
+    # there), unlike a user's fresh process. Each child starts its own, as on the command line.
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**inherited, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
             "WANDB_SILENT": "true"}
 
 
