@@ -164,9 +164,3 @@ class RoutingContext:
         if key not in self.layouts:
             self.layouts[key] = compute()
         return self.layouts[key]
-
-    @property
-    def differentiable_routes(self) -> bool:
-        """Whether the gates must carry a gradient to the routers (Gumbel straight-through in
-        training); otherwise each position takes exactly one route and a mask does the gating."""
-        return self.router and self.given_routes is None and self.sampling == "gumbel"

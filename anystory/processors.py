@@ -144,7 +144,9 @@ class RoutedCrossAttnProcessor(nn.Module):
             return F.scaled_dot_product_attention(q, k[:, :, :per_route], v[:, :, :per_route])
         # Gates that carry a gradient (Gumbel straight-through), or every valid subject everywhere
         # (router off): one softmax per route, routes folded into the batch of one SDPA call.
-        k, v = (t.unflatten(2, (routes, per_route)).transpose(1, 2).flatten(0, 1) for t in all_routes_kv())
+        # The same per-call K/V as above (cached within a generation), viewed route by route.
+        k, v = (t.unflatten(2, (routes, per_route)).transpose(1, 2).flatten(0, 1)
+                for t in ctx.per_call(f"{self.layer_index}.subject", all_routes_kv))
         q_routes = q.unsqueeze(1).expand(-1, routes, -1, -1, -1).flatten(0, 1)
         per_route_out = F.scaled_dot_product_attention(q_routes, k, v).unflatten(0, (b, routes))
         if routing is None and refs.all_valid:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.build import BuildResult
 from pipelines.shards.status import OK, read_status
+
+if TYPE_CHECKING:  # a type only: the summary command loads no build machinery (torch, cv2, av)
+    from pipelines.build import BuildResult
 
 
 def format_summary(results: list[BuildResult]) -> str:

@@ -73,5 +73,5 @@ def read_status(url: str) -> list[dict[str, Any]]:
         name = f"{shard:06d}.status.parquet"
         if store.exists(name):  # shards of an older build may predate the table
             with store.fs.open(store.path(name), "rb") as f:
-                out.extend(dict(r, shard=shard) for r in pq.read_table(f).to_pylist())
+                out.extend(dict(r, shard=shard) for r in pq.read_table(f, use_threads=False).to_pylist())
     return out
