@@ -13,121 +13,164 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
-from dataclasses import dataclass
-from functools import partial
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER
 from anystory.export import load_export
-from anystory.losses import instance_routes, routing_iou
 from anystory.model import AnyStoryModel
-from training.conditions import encode_conditions, seeded_noise
+from training.bootstrap import difference_interval, ratio_interval
+from training.conditions import encode_conditions
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
+from training.identity import Appearances, IdentityError, load_catalogue, own_appearances, shard_identities
 from training.text import TextEncoder
+from training.validation import (
+    TIMESTEPS,
+    VARIANTS,
+    IdentityTargets,
+    Tally,
+    batch_metrics,
+    decode_latents,
+    identity_pairs,
+)
 
-# Switches of each ablation: (router, subject_attention, reference_attention, eta)
-ABLATIONS = {
-    "both": dict(router=True),
-    "clip_only": dict(router=True, reference_attention=False),
-    "referencenet_only": dict(router=True, subject_attention=False),
-    "router_off": dict(router=False),
-    "without_subject": dict(router=True, eta=0.0, reference_attention=False),
-    "ground_truth_routes": dict(router=True),  # the routes of the instance masks: a perfect router
-}
-
-
-@dataclass
-class _Mean:
-    total: float = 0.0
-    count: int = 0
-
-    def add(self, values: torch.Tensor) -> None:
-        self.total += float(values.sum())
-        self.count += int(values.numel())
-
-    @property
-    def value(self) -> float | None:
-        return self.total / self.count if self.count else None
+HEADLINE_VARIANTS = ("full", "router_off", "without_subject")
 
 
-def _ious(probs: torch.Tensor, hw: tuple[int, int], masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    iou, counted = routing_iou(probs, hw, masks, valid)
-    return iou[counted]
+COMPARED = ("router_off", "without_subject", "clip_only", "referencenet_only", "ground_truth_routes")
 
 
-def _background_probs(like: torch.Tensor) -> torch.Tensor:
-    """Every position routed to the background (the last route)."""
-    probs = torch.zeros_like(like)
-    probs[..., -1] = 1.0
-    return probs
+def _time_groups(names: list[str]) -> dict[str, list[str]]:
+    """Metric names `<base>/t_<t>` of one base -> the groups reported: all timesteps, t <= 500
+    (where the noisy input still shows the layout), and each timestep."""
+    by_t = {int(n.rpartition("/t_")[2]): n for n in names}
+    groups = {"all_t": list(by_t.values())}
+    low = [n for t, n in by_t.items() if t <= 500]
+    if low and len(low) < len(by_t):
+        groups["t_le_500"] = low
+    groups.update({f"t_{t}": [by_t[t]] for t in sorted(by_t)})
+    return groups
 
 
-def _random_probs(like: torch.Tensor, route_valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One-hot maps of a route drawn uniformly among the valid ones at every position."""
-    scores = torch.rand(like.shape, generator=generator, device="cpu").to(like.device)
-    return scores.masked_fill(~route_valid[:, None, :], -1.0)
+def _nest(tree: dict[str, Any], path: str) -> dict[str, Any]:
+    for part in path.split("/"):
+        tree = tree.setdefault(part, {})
+    return tree
+
+
+def summarize(tally: Tally, seed: int = 0) -> dict[str, Any]:
+    """Every figure with its bootstrap interval over images, per time group; and under
+    `differences`, each variant against the full model on the same images (paired intervals)."""
+    bases: dict[str, list[str]] = {}
+    for name in tally.pairs:
+        bases.setdefault(name.rpartition("/t_")[0], []).append(name)
+    details: dict[str, Any] = {}
+    for base, names in sorted(bases.items()):
+        node = _nest(details, base)
+        for group, members in _time_groups(names).items():
+            node[group] = ratio_interval(*(x.numpy() for x in tally.per_sample(members)), seed=seed)
+    for base, names in sorted(bases.items()):
+        kind, variant, *metric = base.split("/")
+        if variant != "full" or kind not in ("loss", "identity_x0"):
+            continue
+        for other in COMPARED:
+            other_names = [n.replace(f"{kind}/full/", f"{kind}/{other}/", 1) for n in names]
+            if not all(n in tally.pairs for n in other_names):
+                continue
+            node = _nest(details, f"differences/{kind}/{'/'.join(metric)}/full_minus_{other}")
+            for group, members in _time_groups(names).items():
+                others = [n.replace(f"{kind}/full/", f"{kind}/{other}/", 1) for n in members]
+                node[group] = difference_interval(*(tuple(x.numpy() for x in tally.per_sample(m))
+                                                    for m in (members, others)), seed=seed)
+    return details
+
+
+def _relative_gain(tally: Tally, timesteps: list[int], variant: str, seed: int) -> dict[str, Any]:
+    """1 - loss(variant) / loss(without subject) over all timesteps, with the interval of the same ratio."""
+    with_, _ = tally.per_sample([f"loss/{variant}/all/t_{t}" for t in timesteps])
+    without, _ = tally.per_sample([f"loss/without_subject/all/t_{t}" for t in timesteps])
+    ratio = ratio_interval(with_.numpy(), without.numpy(), seed=seed)
+    return {"value": 1.0 - ratio["value"], "low": 1.0 - ratio["high"], "high": 1.0 - ratio["low"], "n": ratio["n"]}
 
 
 @torch.no_grad()
-def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int], seed: int = 0) -> dict[str, Any]:
+def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int],
+             appearances: Appearances | None = None, identities: dict[str, list[int | None]] | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """The metrics of every variant on held-out batches (training.validation.batch_metrics, as the
+    training loop's validation computes them), each with a bootstrap 95% interval over images
+    (seed `seed`). With the toy world's `appearances` and each sample's identity ids, also the
+    identity each subject's region carries in the decoded x0 prediction, and as ceilings in the
+    targets themselves and in their VAE reconstruction."""
     device = model.unet.device
     text = TextEncoder(components)
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
-    losses: dict[str, _Mean] = defaultdict(_Mean)
-    miou: dict[str, dict[str, _Mean]] = defaultdict(lambda: defaultdict(_Mean))
-    generator = torch.Generator().manual_seed(seed)
+    tally = Tally()
     samples = 0
-    for batch_index, batch in enumerate(batches):
+    for batch in batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        bs = batch["pixels"].shape[0]
-        samples += bs
+        samples += batch["pixels"].shape[0]
         cond = encode_conditions(components.vae, text, batch, device, sample_latents=False)
         refs = model.encode_references(cond.subjects)
-        for t in timesteps:
-            noise = seeded_noise(cond.latents, batch_index * 7919 + t)
-            ts = torch.full((bs,), t, device=device, dtype=torch.long)
-            noisy = scheduler.add_noise(cond.latents, noise, ts)
-            for name, switches in ABLATIONS.items():
-                given = partial(instance_routes, batch["masks"], batch["valid"]) if name == "ground_truth_routes" else None
-                out = model(noisy, ts, cond.embeds, cond.added, refs, sampling="argmax", given_routes=given, **switches)
-                losses[name].add(F.mse_loss(out.noise_pred.float(), noise.float(), reduction="none").mean((1, 2, 3)))
-                if name != "both":
-                    continue
-                for maps in out.routing.values():
-                    size = f"{maps.hw[0]}x{maps.hw[1]}"
-                    for kind, probs in (("refined", maps.probs), ("coarse", maps.coarse),
-                                        ("all_background", _background_probs(maps.probs)),
-                                        ("uniform_random", _random_probs(maps.probs, refs.route_valid, generator))):
-                        values = _ious(probs, maps.hw, batch["masks"], batch["valid"])
-                        for key in ("overall", f"res_{size}", f"t_{t}"):
-                            miou[kind][key].add(values)
+        identity = None
+        if appearances is not None and identities is not None:
+            own = own_appearances(list(batch["key"]), batch["valid"].shape[1], identities, appearances)
+            identity = IdentityTargets(appearances, own)
+            # Ceilings: the identity read off the targets, and off what the VAE can give back of them.
+            for name, images in (("target", batch["pixels"]),
+                                 ("vae_reconstruction", decode_latents(components.vae, cond.latents))):
+                tally.add({f"identity_x0/{name}/{k}/t_0": v for k, v in identity_pairs(images, batch, own, appearances).items()})
+        tally.add(batch_metrics(model, scheduler, components.vae, cond, refs, batch, timesteps, VARIANTS,
+                                identity=identity, router_baselines=True))
     if not samples:
         raise ValueError("no held-out samples were read")
-    loss = {name: m.value for name, m in losses.items()}
-    result = {
-        "samples": samples,
-        "timesteps": timesteps,
-        "router_miou": {kind: {k: m.value for k, m in sorted(v.items())} for kind, v in miou.items()},
-        "val_loss": {"with_subject": loss["both"], "without_subject": loss["without_subject"],
-                     "relative_gain": 1.0 - loss["both"] / loss["without_subject"],
-                     # what the encoder gives when every position gets its own subject: the gain's
-                     # share that the router's mistakes cost
-                     "relative_gain_with_ground_truth_routes": 1.0 - loss["ground_truth_routes"] / loss["without_subject"]},
-        "ablations_val_loss": {k: loss[k] for k in ("both", "clip_only", "referencenet_only", "router_off",
-                                                    "ground_truth_routes")},
+    details = summarize(tally, seed)
+    details["relative_gain"] = {v: _relative_gain(tally, timesteps, v, seed) for v in ("full", "ground_truth_routes")}
+    miou = details["router_miou"]
+    details["router_miou_margin_over_trivial"] = miou["refined"]["all_t"]["value"] - max(
+        miou[k]["all_t"]["value"] for k in ("all_background", "uniform_random"))
+    details["samples"] = samples
+    details["timesteps"] = list(timesteps)
+    return details
+
+
+def headline(details: dict[str, Any]) -> dict[str, Any]:
+    """The few figures `dvc metrics show` prints, each as its value and its 95% interval."""
+    def fig(node: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not node or node.get("value") is None:
+            return None
+        return {"value": round(node["value"], 4), "ci95": f"{node['low']:.3f}..{node['high']:.3f}"}
+
+    miou = details.get("router_miou", {}).get("refined", {})
+    ident = details.get("identity_x0", {})
+    loss = details.get("loss", {})
+    out: dict[str, Any] = {
+        "samples": details["samples"],
+        "router_miou": fig(miou.get("all_t")),
+        "router_miou_t_le_500": fig(miou.get("t_le_500")),
+        "condition_gain": fig(details["relative_gain"]["full"]),
+        "loss_in_subjects": {v: fig(loss.get(v, {}).get("subjects", {}).get("all_t")) for v in ("full", "router_off")},
     }
-    refined = result["router_miou"]["refined"]["overall"]
-    best_trivial = max(result["router_miou"][k]["overall"] for k in ("all_background", "uniform_random"))
-    result["router_miou_margin_over_trivial"] = refined - best_trivial
-    return result
+    if ident:
+        out["identity_accuracy_multi"] = {v: fig(ident[v]["accuracy_multi"]["all_t"]) for v in HEADLINE_VARIANTS}
+        out["blending_rate_multi"] = {v: fig(ident[v]["blending_multi"]["all_t"]) for v in ("full", "router_off")}
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically (tmp + rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", required=True, type=Path, help="export directory of the trained model")
     parser.add_argument("--shards", required=True, nargs="+", help="held-out shard folders")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--timesteps", type=int, nargs="+", default=[200, 500, 800])
+    parser.add_argument("--details", type=Path, default=None,
+                        help="every figure with its interval (default: <out stem>_details.json beside --out)")
+    parser.add_argument("--catalogue", type=Path, default=None,
+                        help="toy-world manifest.json listing the identities: enables the identity metrics")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
     parser.add_argument("--max-subjects", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=None)
@@ -154,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.set_defaults(**section)
         args = parser.parse_args(argv)
 
+    appearances = identities = None
+    if args.catalogue is not None:
+        try:
+            appearances = Appearances.of(load_catalogue(args.catalogue))
+        except IdentityError as err:
+            raise SystemExit(f"error: --catalogue {err}") from None
     model, components = load_export(args.export, device=args.device)
     cfg = model.config
     data = ShardDataModule(train_shards=[], val_shards=list(args.shards), batch_size=args.batch_size,
@@ -164,15 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         batches = [b for i, b in zip(range(args.max_batches), batches, strict=False)]
     else:
         batches = list(batches)
-    result = evaluate(model, components, batches, args.timesteps)
+    if appearances is not None:
+        identities = shard_identities(list(args.shards))
+    details = evaluate(model, components, batches, args.timesteps, appearances, identities)
     if args.clip_model or args.dino_model:
         from training.image_metrics import subject_similarity
 
-        result["image_metrics"] = subject_similarity(model, components, batches, args.clip_model, args.dino_model,
-                                                     steps=args.generate_steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True))
-    print(json.dumps({k: result[k] for k in ("samples", "val_loss", "router_miou_margin_over_trivial")}, indent=2))
+        details["image_metrics"] = subject_similarity(model, components, batches, args.clip_model, args.dino_model,
+                                                      steps=args.generate_steps)
+    summary = headline(details)
+    write_json(args.details or args.out.with_name(f"{args.out.stem}_details.json"), details)
+    write_json(args.out, summary)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

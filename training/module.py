@@ -20,10 +20,10 @@ from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, lo
 from anystory.config import AnyStoryConfig
 from anystory.context import ReferenceEncoding
 from anystory.export import load_adapter_weights
-from anystory.losses import routing_iou, routing_loss
+from anystory.losses import routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
-from training.conditions import Conditions, encode_conditions, seeded_noise
+from training.conditions import Conditions, encode_conditions
 from training.diffusion import min_snr_weights, training_noise
 from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name
 from training.text import TextEncoder
@@ -197,25 +197,17 @@ class AnyStoryModule(L.LightningModule):
 
     # ----- validation: the condition gain, and the router's mIoU in stage 2 -----
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        timesteps = self.hparams.val_timesteps or [250, 500, 750]
-        bs = batch["pixels"].shape[0]
-        # Conditions and references once per batch; only the noise level changes below.
+        # The evaluation's own function and noise (seeded per sample): what W&B shows here is what
+        # training.evaluate writes to metrics/eval_details.json for the same checkpoint and data.
+        from training import validation
+
+        timesteps = self.hparams.val_timesteps or validation.TIMESTEPS
+        # Conditions and references once per batch; only the noise level changes inside.
         cond = self.conditions(batch, sample_latents=False)
         refs = self.model.encode_references(cond.subjects)
-        for t in timesteps:
-            noise = seeded_noise(cond.latents, batch_idx * 1000 + t)
-            ts = torch.full((bs,), t, device=self.device, dtype=torch.long)
-            noisy = self.noise_scheduler.add_noise(cond.latents, noise, ts)
-            out = self.run_model(noisy, ts, cond, refs)
-            without = self.run_model(noisy, ts, cond, refs, eta=0.0, reference_attention=False)
-            self.log("val/loss", self.diffusion_loss(out.noise_pred, noise), batch_size=bs)
-            self.log("val/loss_without_subject", self.diffusion_loss(without.noise_pred, noise), batch_size=bs)
-            if self.stage == 2:
-                ious, counted = zip(*(routing_iou(m.probs, m.hw, batch["masks"], batch["valid"])
-                                      for m in out.routing.values()), strict=True)
-                ious, counted = torch.stack(ious), torch.stack(counted)
-                if counted.any():
-                    self.log("val/router_miou", ious[counted].mean(), batch_size=int(counted.sum()))
+        metrics = validation.batch_metrics(self.model, self.noise_scheduler, self.vae, cond, refs, batch, timesteps,
+                                           validation.validation_variants(router=self.stage == 2))
+        validation.log_batch(self.log, metrics, validation.validation_logs(timesteps))
 
     def configure_optimizers(self):
         params = [p for p in self.trainable.values() if p.requires_grad]
