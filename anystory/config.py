@@ -7,8 +7,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from anystory import typed_config
-
 
 @dataclass
 class QFormerConfig:
@@ -58,12 +56,6 @@ class AnyStoryConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str = "config") -> AnyStoryConfig:
-        """The config from plain JSON data; an unknown or missing key or a value of the wrong type
-        raises `typed_config.ConfigError` naming its dotted path (e.g. `config.router.width`)."""
-        return typed_config.from_dict(cls, data, path)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from anystory.config import AnyStoryConfig
-from anystory.typed_config import ConfigError
+from anystory.typed_config import ConfigError, parse
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "anystory.safetensors"
@@ -60,7 +60,7 @@ def read_config(directory: str | Path) -> tuple[AnyStoryConfig, bool]:
     if unknown:
         raise ExportError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(DOCUMENT_KEYS))})")
     try:
-        config = AnyStoryConfig.from_dict(document["config"])
+        config = parse(AnyStoryConfig, document["config"], "config")
     except ConfigError as err:
         raise ExportError(f"{path}: {err}") from None
     return config, document["base_embedded"]

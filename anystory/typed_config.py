@@ -1,95 +1,158 @@
-"""Build nested dataclasses from plain YAML data, failing loudly on unknown keys and wrong types.
+"""The one way configuration is read: plain YAML/JSON data (and `key=value` overrides) checked against
+nested dataclasses by jsonargparse, the parser that also drives the training CLI.
 
-Every error names the dotted path of the offending key (e.g. `data.filter.min_score`), so a typo in
-params.yaml stops the build before any work starts instead of being silently ignored.
+Every user mistake becomes one `ConfigError` line naming the dotted key (e.g.
+`data.filter.min_score: expected float, got 'x'`), so a typo stops a run before any work starts.
+After jsonargparse has built the dataclasses, each one's optional `check(path)` method runs (children
+first) for the rules a type cannot say (ranges, cross-field constraints).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
 
 T = TypeVar("T")
+_ROOT = "root"  # the one argument of the internal parser; error keys are rewritten to the caller's path
 
 
 class ConfigError(ValueError):
-    """A params file that does not match the schema."""
+    """Configuration that does not match its schema; the message is one line naming the key."""
 
 
-def from_dict(cls: type[T], data: Any, path: str) -> T:
+def parse(cls: type[T], data: Any, path: str, overrides: Sequence[tuple[str, str]] = ()) -> T:
+    """`data` as a `cls`, with `overrides` (a dotted key below `path`, and a YAML value) applied on top."""
+    from jsonargparse import ArgumentParser  # imported here: loading it costs ~0.3 s, only when parsing
+
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    _check_mappings(cls, data, path)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument(f"--{_ROOT}", type=cls, required=True)
+    try:
+        namespace = parser.parse_object({_ROOT: data})
+        if overrides:
+            namespace = parser.parse_args([f"--{_ROOT}.{key}={value}" for key, value in overrides], namespace)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jsonargparse's notes on its own API, not the user's mistake
+            obj = getattr(parser.instantiate(namespace), _ROOT)
+    except Exception as err:  # jsonargparse's ArgumentError / ValueError / TypeError: all the input's fault
+        raise ConfigError(_one_line(str(err), cls, path)) from None
+    _run_checks(obj, path)
+    return obj
+
+
+def read_section(params_path: str | Path, dotted: str) -> Any:
+    """The `dotted` section (e.g. `train.eval`) of a YAML params file; missing sections are None."""
+    try:
+        with open(params_path) as f:
+            node = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ConfigError(f"--params: {params_path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--params: {params_path} is not valid YAML ({' '.join(str(err).split())})") from err
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass in a field's type (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _check_mappings(cls: type, data: dict, path: str) -> None:
+    # jsonargparse accepts a scalar where a nested dataclass goes and fails only when it builds the
+    # object, with a message that names no key: this names it first.
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            kwargs[name] = convert(hints[name], data[name], f"{path}.{name}")
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{name}: required key is missing")
-    obj = cls(**kwargs)
+    for name, value in data.items():
+        inner = _dataclass_of(hints[name]) if name in hints else None
+        if inner is None or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}.{name}: expected a mapping, got {type(value).__name__}")
+        _check_mappings(inner, value, f"{path}.{name}")
+
+
+def _run_checks(obj: Any, path: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _run_checks(value, f"{path}.{f.name}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _run_checks(item, f"{path}.{f.name}[{i}]")
     check = getattr(obj, "check", None)
     if callable(check):
         check(path)
-    return obj
 
 
-def convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return convert(arg, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        return [convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return {str(k): convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if tp is float:
-        # YAML reads `1` as int; an int is a valid float, a bool is not.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported schema type {tp}")
+def _allowed(cls: type, key: str) -> str:
+    """The field names of the dataclass at dotted `key` below `cls` (for 'unknown key' messages)."""
+    for name in [k for k in key.split(".") if k][:-1]:
+        hints = typing.get_type_hints(cls)
+        inner = _dataclass_of(hints.get(name))
+        if inner is None:
+            return ""
+        cls = inner
+    return f" (allowed: {', '.join(sorted(f.name for f in dataclasses.fields(cls) if f.init))})"
 
 
-def to_dict(obj: Any) -> Any:
-    """Plain data (for hashing and logging) from nested dataclasses."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
+def _join(key: str, name: str) -> str:
+    if name == _ROOT or name.startswith(f"{_ROOT}."):
+        return name  # jsonargparse names keys of the root parser in full, those of nested parsers relative
+    return f"{key}.{name}" if key else name
+
+
+def _type_name(text: str) -> str:
+    found = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", text)
+    return found[1] if found else text
+
+
+def _one_line(message: str, cls: type, path: str) -> str:
+    """jsonargparse's (multi-line, nested) message as `path.key: what`."""
+    key, expected, problem = _ROOT, None, None
+    for line in (raw.strip().lstrip("- ") for raw in message.splitlines()):
+        if found := re.match(r'Parser key "([^"]+)"', line):
+            key = _join(key, found[1])
+        elif found := re.match(r"Group '([^']+)' does not accept option '([^']+)'", line):
+            key, problem = _join(_join(key, found[1]), found[2]), "unknown key"
+        elif found := re.match(r"Option '([^']+)' is not accepted", line):
+            key, problem = _join(key, found[1]), "unknown key"
+        elif found := re.match(r"unrecognized arguments: --(\S+?)(?:=|\s|$)", line):
+            key, problem = found[1], "unknown key"
+        elif found := re.match(r"the following arguments are required: ([^,\s]+)", line):
+            key, problem = _join(key, found[1]), "required key is missing"
+        elif found := re.match(r"argument --(\S+): (.*)", line):
+            key, problem = found[1], found[2]
+        elif found := re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", line):
+            problem = f"{found[2]!r} is not one of [{found[1]}]"
+        elif found := re.match(r"Expected a .+?\. Got value: NestedArg\(key='([^']+)'", line):
+            problem = f"not a mapping, cannot set {path}{key[len(_ROOT):]}.{found[1]}"  # an override went too deep
+        elif found := re.match(r"Expected a (.+?)\. Got value: (.*)", line):
+            problem = f"expected {_type_name(found[1])}, got {found[2]!r}"
+        elif found := re.match(r"Expected a (.+)$", line):
+            if "NoneType" not in found[1] and expected is None:
+                expected = _type_name(found[1])  # the non-null member of an `X | None`
+        elif expected and (found := re.match(r"Given value: (.*)", line)):
+            problem = f"expected {expected}, got {found[1]!r}"
+        if problem:
+            break
+    dotted = path + key[len(_ROOT):]
+    if problem == "unknown key":
+        problem += _allowed(cls, key[len(_ROOT):])
+    return f"{dotted}: {problem or ' '.join(message.split())}"

@@ -1,4 +1,4 @@
-"""Throughput of the `auto` annotator (pipelines/annotate_auto.py: GroundingDINO boxes, then SAM masks),
+"""Throughput of the `auto` annotator (pipelines/auto_annotator.py: GroundingDINO boxes, then SAM masks),
 with random weights at the real architectures, in images/s.
 
 Real mode (default): GroundingDINO Swin-T (the shipped GroundingDINO_SwinT_OGC config, a BERT-base
@@ -37,7 +37,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from machine import describe_machine  # noqa: E402 - benchmarks/ is the script's own folder
 
-from pipelines.annotate_auto import AutoAnnotateConfig, AutoAnnotator, build_groundingdino, build_sam  # noqa: E402
+from pipelines.auto_annotator import AutoAnnotator, build_groundingdino, build_sam  # noqa: E402
+from pipelines.config import AutoAnnotateConfig  # noqa: E402
 from pipelines.tiny_detectors import write_text_encoder, write_tiny_detectors  # noqa: E402
 
 CAPTION = "a photo of a dog and a cat next to a chair"  # three noun phrases: dog, cat, chair

@@ -15,13 +15,11 @@ the config or the label helpers (e.g. a `given` build) does not import them and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,121 +28,10 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_convert
 from torchvision.transforms.functional import normalize, to_tensor
 
-SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+from pipelines.config import AutoAnnotateConfig, TinySamSizes
+
 # Older transformers saved this buffer; the official GroundingDINO checkpoint still carries it.
 _GDINO_IGNORED_KEYS = frozenset({"bert.embeddings.position_ids"})
-
-
-@dataclass(frozen=True)
-class TinySamSizes:
-    """Explicit sizes for a cut-down `Sam` (tests, smoke runs); the vit_* types use the registry sizes."""
-
-    image_size: int = 256
-    patch_size: int = 16
-    encoder_embed_dim: int = 64
-    encoder_depth: int = 2
-    encoder_num_heads: int = 2
-    encoder_global_attn_indexes: tuple[int, ...] = (1,)
-    window_size: int = 4
-    prompt_embed_dim: int = 32
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 64
-    decoder_num_heads: int = 2
-    iou_head_hidden_dim: int = 32
-
-
-@dataclass(frozen=True)
-class AutoAnnotateConfig:
-    gdino_config: str  # GroundingDINO python config file (SLConfig format)
-    gdino_checkpoint: str  # .pth ({"model": state_dict} or a plain state dict) or .safetensors
-    gdino_text_encoder: str  # local dir with the BERT model + tokenizer; overrides the config's text_encoder_type
-    sam_model_type: str  # vit_b / vit_l / vit_h, or tiny (built from `tiny_sam`)
-    sam_checkpoint: str
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
-    device: str = "cpu"
-    max_boxes_per_label: int = 3
-    max_labels: int = 8  # noun phrases per prompt
-    nms_iou: float = 0.7  # same-label duplicates above this IoU are dropped before SAM
-    mask_box_margin: float | None = 0.1  # mask pixels beyond the box grown by this fraction are cleared
-    min_image_side: int = 16
-    gdino_image_size: int = 800  # shorter side, as in GroundingDINO's own inference
-    gdino_max_image_size: int = 1333
-    gdino_batch_size: int = 8
-    tiny_sam: TinySamSizes | None = None
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> AutoAnnotateConfig:
-        """Build from a params.yaml section; unknown or missing keys are errors that name them."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown auto-annotation keys: {unknown}; known: {sorted(fields)}")
-        missing = sorted(
-            name
-            for name, f in fields.items()
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in params
-        )
-        if missing:
-            raise ValueError(f"missing auto-annotation keys: {missing}")
-        values = dict(params)
-        if isinstance(values.get("tiny_sam"), Mapping):
-            sizes = dict(values["tiny_sam"])
-            known = {f.name for f in dataclasses.fields(TinySamSizes)}
-            bad = sorted(set(sizes) - known)
-            if bad:
-                raise ValueError(f"unknown tiny_sam keys: {[f'tiny_sam.{k}' for k in bad]}; known: {sorted(known)}")
-            if "encoder_global_attn_indexes" in sizes:
-                sizes["encoder_global_attn_indexes"] = tuple(sizes["encoder_global_attn_indexes"])
-            values["tiny_sam"] = TinySamSizes(**sizes)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (YAML / JSON); `from_dict(to_dict())` gives an equal config."""
-        out = dataclasses.asdict(self)
-        if out["tiny_sam"] is not None:
-            out["tiny_sam"]["encoder_global_attn_indexes"] = list(out["tiny_sam"]["encoder_global_attn_indexes"])
-        return out
-
-    def validate(self, check_files: bool = True) -> None:
-        """Fail before any work starts, naming the offending key (and path). `check_files=False`: the
-        values only, for models handed to AutoAnnotator ready-made (no checkpoint files)."""
-        for key in ("gdino_config", "gdino_checkpoint", "gdino_text_encoder", "sam_model_type", "sam_checkpoint"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ValueError(f"auto annotation needs '{key}' (got {getattr(self, key)!r})")
-        if self.sam_model_type not in SAM_MODEL_TYPES:
-            raise ValueError(f"'sam_model_type' must be one of {SAM_MODEL_TYPES}, got {self.sam_model_type!r}")
-        if (self.sam_model_type == "tiny") != isinstance(self.tiny_sam, TinySamSizes):
-            raise ValueError("'tiny_sam' sizes are required for sam_model_type 'tiny' and only for it")
-
-        def number(value: Any) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool)
-
-        for key in ("box_threshold", "text_threshold", "nms_iou"):
-            if not number(getattr(self, key)) or not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"'{key}' must be a number in [0, 1], got {getattr(self, key)!r}")
-        for key in ("max_boxes_per_label", "max_labels", "min_image_side", "gdino_image_size",
-                    "gdino_max_image_size", "gdino_batch_size"):
-            value = getattr(self, key)
-            if not number(value) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{key}' must be a positive int, got {value!r}")
-        if self.mask_box_margin is not None and (not number(self.mask_box_margin) or self.mask_box_margin < 0):
-            raise ValueError(f"'mask_box_margin' must be a number >= 0 or None, got {self.mask_box_margin!r}")
-        torch.device(self.device)  # raises on a malformed device string
-        if not check_files:
-            return
-        missing = [
-            f"{key}={getattr(self, key)} ({kind} not found)"
-            for key, kind, exists in (
-                ("gdino_config", "file", Path.is_file),
-                ("gdino_checkpoint", "file", Path.is_file),
-                ("gdino_text_encoder", "directory", Path.is_dir),
-                ("sam_checkpoint", "file", Path.is_file),
-            )
-            if not exists(Path(getattr(self, key)))
-        ]
-        if missing:
-            raise FileNotFoundError("auto annotation inputs missing: " + "; ".join(missing))
 
 
 # --- labels and prompt -------------------------------------------------------------------------------------
@@ -403,7 +290,6 @@ class AutoAnnotator:
                  models: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
         """`models`: (GroundingDINO, Sam) to use as they are, instead of building them and loading the
         config's checkpoints (benchmarks/annotate.py: random weights at the real architectures)."""
-        config.validate(check_files=models is None)
         from groundingdino.util.misc import nested_tensor_from_tensor_list
         from segment_anything import SamPredictor
 

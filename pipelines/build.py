@@ -107,8 +107,9 @@ class _TaskFn:
         return _apply(self.group, batch)
 
 
-class annotate_auto:  # noqa: N801 - the class name is the operator's name in Ray Data's progress
-    """Ray Data actor UDF: like _TaskFn, but the group (and its model weights) lives as long as the actor."""
+class _ActorFn:
+    """Ray Data actor UDF: like _TaskFn, but the group (and its model weights) lives as long as the actor.
+    Ray Data names an actor operator after the class: `_run_ray` subclasses this one under the group's name."""
 
     def __init__(self, group: Group):
         self.group = group
@@ -136,7 +137,8 @@ def _run_ray(payloads: list[dict[str, Any]], groups: list[Group]) -> list[dict[s
         ds.context.op_resource_reservation_enabled = False
     for g in groups:
         if g.compute == "actors":
-            ds = ds.map_batches(annotate_auto, fn_constructor_args=(g,), batch_size=1, concurrency=g.concurrency,
+            actor_fn = type(g.name, (_ActorFn,), {})  # named as the group in Ray Data's progress
+            ds = ds.map_batches(actor_fn, fn_constructor_args=(g,), batch_size=1, concurrency=g.concurrency,
                                 num_gpus=g.num_gpus or None, num_cpus=1 if not g.num_gpus else None)
         else:
             ds = ds.map_batches(_TaskFn(g), batch_size=1, num_cpus=1)

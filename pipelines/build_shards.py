@@ -18,10 +18,8 @@ import argparse
 import os
 import sys
 
-import yaml
-
 from pipelines.build import BuildError, plan_shards, run_build
-from pipelines.config import KINDS, ConfigError, DataConfig, load_data_config
+from pipelines.config import KINDS, ConfigError, load_data_config
 from pipelines.summary import format_summary
 
 EXIT_REFUSED, EXIT_USER_ERROR = 1, 2
@@ -43,16 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    overrides = {}
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """`data.a.b=VALUE` -> (`a.b`, VALUE); the params parser reads and checks VALUE as YAML."""
+    overrides = []
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("data."):
             raise ConfigError(f"--set {item!r}: expected data.<key>=<value>")
-        try:
-            overrides[key[len("data."):]] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: the value is not YAML ({str(err).splitlines()[0]})") from err
+        overrides.append((key[len("data."):], value))
     return overrides
 
 
@@ -76,18 +72,10 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
-def check_auto(cfg: DataConfig) -> None:
-    if cfg.annotate.mode == "auto":
-        from pipelines.stages.annotate_auto import build_auto_config
-
-        build_auto_config(cfg.annotate.auto.model)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_data_config(args.params, parse_overrides(args.set))
-        check_auto(cfg)
         kinds = [k for k in (list(KINDS) if args.kind == "all" else [args.kind]) if getattr(cfg.sources, k)]
         if not kinds:
             raise ConfigError(f"data.sources: no sources configured for --kind {args.kind}")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from anystory.typed_config import ConfigError, convert, from_dict, to_dict
+from anystory.typed_config import ConfigError, parse, read_section
 from pipelines.sources import SOURCE_TYPES
 
 # Bump when a change of code changes what a shard contains: done shards of another version are redone.
@@ -62,23 +63,108 @@ class DecodeConfig:
             _positive(path, max_short_side=self.max_short_side)
 
 
+@dataclass(frozen=True)
+class TinySamSizes:
+    """Explicit sizes for a cut-down `Sam` (tests, smoke runs); the vit_* types use the registry sizes."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_embed_dim: int = 64
+    encoder_depth: int = 2
+    encoder_num_heads: int = 2
+    encoder_global_attn_indexes: tuple[int, ...] = (1,)
+    window_size: int = 4
+    prompt_embed_dim: int = 32
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 64
+    decoder_num_heads: int = 2
+    iou_head_hidden_dim: int = 32
+
+
+@dataclass(frozen=True)
+class AutoAnnotateConfig:
+    """The GroundingDINO + SAM models of `auto` annotation (pipelines/auto_annotator.py): `data.annotate.auto.model`."""
+
+    gdino_config: str  # GroundingDINO python config file (SLConfig format)
+    gdino_checkpoint: str  # .pth ({"model": state_dict} or a plain state dict) or .safetensors
+    gdino_text_encoder: str  # local dir with the BERT model + tokenizer; overrides the config's text_encoder_type
+    sam_model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"]  # tiny: built from `tiny_sam`
+    sam_checkpoint: str
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    device: str = "cpu"
+    max_boxes_per_label: int = 3
+    max_labels: int = 8  # noun phrases per prompt
+    nms_iou: float = 0.7  # same-label duplicates above this IoU are dropped before SAM
+    mask_box_margin: float | None = 0.1  # mask pixels beyond the box grown by this fraction are cleared
+    min_image_side: int = 16
+    gdino_image_size: int = 800  # shorter side, as in GroundingDINO's own inference
+    gdino_max_image_size: int = 1333
+    gdino_batch_size: int = 8
+    tiny_sam: TinySamSizes | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (YAML / JSON); `parse(AutoAnnotateConfig, to_dict(), ...)` gives an equal config."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def check(self, path: str) -> None:
+        import torch  # the device string is torch's to judge; an auto build needs torch anyway
+
+        for key in ("gdino_config", "gdino_checkpoint", "gdino_text_encoder", "sam_checkpoint"):
+            if not getattr(self, key):
+                raise ConfigError(f"{path}.{key}: must not be empty")
+        if (self.sam_model_type == "tiny") != (self.tiny_sam is not None):
+            raise ConfigError(f"{path}.tiny_sam: required for sam_model_type 'tiny' and only for it")
+        for key in ("box_threshold", "text_threshold", "nms_iou"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{path}.{key}: must be in [0, 1], got {getattr(self, key)!r}")
+        _positive(path, max_boxes_per_label=self.max_boxes_per_label, max_labels=self.max_labels,
+                  min_image_side=self.min_image_side, gdino_image_size=self.gdino_image_size,
+                  gdino_max_image_size=self.gdino_max_image_size, gdino_batch_size=self.gdino_batch_size)
+        if self.mask_box_margin is not None and self.mask_box_margin < 0:
+            raise ConfigError(f"{path}.mask_box_margin: must be >= 0 or null, got {self.mask_box_margin!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ConfigError(f"{path}.device: {self.device!r} is not a torch device ({err})") from None
+
+    def check_files(self, path: str) -> None:
+        """The weights are local files (read by every annotator actor): missing ones are named before any work."""
+        for key, exists in (("gdino_config", Path.is_file), ("gdino_checkpoint", Path.is_file),
+                            ("gdino_text_encoder", Path.is_dir), ("sam_checkpoint", Path.is_file)):
+            if not exists(Path(getattr(self, key))):
+                raise ConfigError(f"{path}.{key}: {getattr(self, key)} not found")
+
+
 @dataclass
-class AutoConfig:
-    model: dict[str, Any] = field(default_factory=dict)  # fields of annotate_auto.AutoAnnotateConfig
+class AutoStageConfig:
+    """The `annotate_auto` stage: its models and the Ray actors that run them."""
+
+    model: AutoAnnotateConfig | None = None  # required for mode `auto`
     num_gpus: float = 0.0  # per actor
     batch_size: int = 4  # images per model call
     concurrency: int = 1  # actors
 
     def check(self, path: str) -> None:
         # A GPU reserved for an annotator that runs on the CPU is a GPU wasted, silently.
-        if self.num_gpus > 0 and self.model.get("device", "cpu") == "cpu":
+        if self.num_gpus > 0 and self.model is not None and self.model.device == "cpu":
             raise ConfigError(f"{path}.num_gpus: {self.num_gpus} GPUs reserved but {path}.model.device is cpu")
 
 
 @dataclass
 class AnnotateConfig:
     mode: Literal["given", "auto"] = "given"
-    auto: AutoConfig = field(default_factory=AutoConfig)
+    auto: AutoStageConfig = field(default_factory=AutoStageConfig)
+
+    def check(self, path: str) -> None:
+        if self.mode != "auto":
+            return  # the model may be configured for later, on a machine that has its weights
+        if self.auto.model is None:
+            raise ConfigError(f"{path}.auto.model: required for mode 'auto' (the fields of AutoAnnotateConfig)")
+        missing = [name for name in ("groundingdino", "segment_anything") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"{path}.mode: 'auto' needs the packages {', '.join(missing)}")
+        self.auto.model.check_files(f"{path}.auto.model")
 
 
 @dataclass
@@ -209,7 +295,7 @@ def parse_source(raw: Any, path: str) -> Any:
         raise ConfigError(f"{path}.type: required key is missing")
     if raw["type"] not in SOURCE_TYPES:
         raise ConfigError(f"{path}.type: {raw['type']!r} is not one of {sorted(SOURCE_TYPES)}")
-    cfg = from_dict(SOURCE_TYPES[raw["type"]][0], raw, path)
+    cfg = parse(SOURCE_TYPES[raw["type"]][0], raw, path)
     if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
         raise ConfigError(f"{path}.name: {cfg.name!r} must be letters, digits or _ (it starts every key)")
     return cfg
@@ -221,44 +307,32 @@ def _positive(path: str, **values: int) -> None:
             raise ConfigError(f"{path}.{name}: must be >= 1")
 
 
-def load_data_config(params_path: str, overrides: dict[str, Any] | None = None) -> DataConfig:
-    """Read params.yaml, apply `a.b.c: value` overrides, and validate the `data` section."""
-    try:
-        with open(params_path) as f:
-            params = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise ConfigError(f"--params: {params_path}: {err.strerror or err}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--params: {params_path} is not valid YAML ({' '.join(str(err).split())})") from err
-    if not isinstance(params, dict) or "data" not in params:
+def load_data_config(params_path: str, overrides: Sequence[tuple[str, str]] = ()) -> DataConfig:
+    """Read params.yaml's `data` section, apply `(dotted key below data, YAML value)` overrides, validate."""
+    data = read_section(params_path, "data")
+    if data is None:
         raise ConfigError(f"--params: {params_path} has no `data` section")
-    data = params["data"]
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for depth, p in enumerate(parents):
-            node = node.setdefault(p, {}) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                raise ConfigError(f"data.{'.'.join(parents[: depth + 1])}: not a mapping, cannot set data.{dotted}")
-        node[leaf] = value
-    return parse_data_config(data)
+    return parse_data_config(data, overrides)
 
 
-def parse_data_config(data: Any) -> DataConfig:
-    return convert(DataConfig, data, "data")
+def parse_data_config(data: Any, overrides: Sequence[tuple[str, str]] = ()) -> DataConfig:
+    model = data.get("annotate", {}).get("auto", {}).get("model") if isinstance(data, dict) else None
+    if model == {}:  # how params.yaml said "no model" before the field had a type
+        data = {**data, "annotate": {**data["annotate"], "auto": {**data["annotate"]["auto"], "model": None}}}
+    return parse(DataConfig, data, "data", overrides)
 
 
 def params_hash(cfg: DataConfig, kind: str) -> str:
     """Hash of everything that decides the content of `kind` shards (not where or how fast they are built)."""
     content = {
         "version": PIPELINE_VERSION,
-        "sources": to_dict(getattr(cfg.sources, kind)),
-        "decode": to_dict(cfg.decode),
+        "sources": [asdict(source) for source in getattr(cfg.sources, kind)],
+        "decode": asdict(cfg.decode),
         "annotate": {"mode": cfg.annotate.mode,
-                     "model": cfg.annotate.auto.model if cfg.annotate.mode == "auto" else None},
-        "filter": to_dict(cfg.filter),
-        "refs": to_dict(cfg.refs),
-        "video": to_dict(cfg.video) if kind == "paired" else None,
-        "shards": to_dict(cfg.shards),
+                     "model": cfg.annotate.auto.model.to_dict() if cfg.annotate.mode == "auto" else None},
+        "filter": asdict(cfg.filter),
+        "refs": asdict(cfg.refs),
+        "video": asdict(cfg.video) if kind == "paired" else None,
+        "shards": asdict(cfg.shards),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

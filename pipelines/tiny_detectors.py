@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.annotate_auto import AutoAnnotateConfig, TinySamSizes, build_groundingdino, build_tiny_sam
+from pipelines.auto_annotator import build_groundingdino, build_tiny_sam
+from pipelines.config import AutoAnnotateConfig, TinySamSizes
 
 _GDINO_OVERRIDES = {
     "enc_layers": 1,
@@ -92,6 +93,5 @@ def write_tiny_detectors(out_dir: Path, seed: int = 0) -> AutoAnnotateConfig:
         gdino = build_groundingdino(config)
         torch.save({"model": gdino.state_dict()}, config.gdino_checkpoint)
         torch.save(build_tiny_sam(config.tiny_sam).state_dict(), config.sam_checkpoint)
-    config.validate()
     (out_dir / "auto_annotate.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return config

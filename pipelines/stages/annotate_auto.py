@@ -1,40 +1,24 @@
-"""Stage 2, `annotate_auto`: the GroundingDINO + SAM annotator (pipelines/annotate_auto.py) over live rows.
+"""Stage 2, `annotate_auto`: the GroundingDINO + SAM annotator (pipelines/auto_annotator.py) over live rows.
 
 Only live rows go to the model, in batches of `batch_size` images; its `subjects` come back in the
 same layout as AnnotateGiven's (masks stay HxW bool arrays: rows cross Ray boundaries pickled, not
 as Arrow columns). A row the annotator reports in `annotate_error` is rejected with that error's
 reason; its detail goes to `reject_detail`, for the status table. The model is built once per
-instance (once per Ray actor).
+instance (once per Ray actor), from a config that params validation has already checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from anystory.typed_config import ConfigError
 from pipelines.batch import Batch, ensure_column, live_rows, reject
-
-
-def build_auto_config(model: dict[str, Any]):
-    """The other module's AutoAnnotateConfig from params, validated: a clear error before any work."""
-    try:
-        from pipelines.annotate_auto import AutoAnnotateConfig
-    except ImportError as err:
-        raise ConfigError("data.annotate.mode: 'auto' needs pipelines/annotate_auto.py and its models' packages"
-                          f" ({err})") from err
-    try:
-        cfg = AutoAnnotateConfig.from_dict(model)
-        cfg.validate()
-    except (TypeError, ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"data.annotate.auto.model: {err}") from err
-    return cfg
+from pipelines.config import AutoAnnotateConfig
 
 
 class AnnotateAuto:
-    def __init__(self, model: dict[str, Any], batch_size: int):
-        from pipelines.annotate_auto import AutoAnnotator
+    def __init__(self, model: AutoAnnotateConfig, batch_size: int):
+        # imported here: the models' packages load only where the stage runs (a Ray actor)
+        from pipelines.auto_annotator import AutoAnnotator
 
-        self.annotator = AutoAnnotator(build_auto_config(model))
+        self.annotator = AutoAnnotator(model)
         self.batch_size = batch_size
 
     def __call__(self, batch: Batch) -> Batch:

@@ -117,9 +117,9 @@ def _case(name: str, export_dir: Path, root: Path) -> tuple[list[str], str]:
                 f"--checkpoint: {path}: config.router.widht: unknown key (allowed: ffn, heads, routing_dim, width)")
     if name == "wrong type in the config":
         export = _minimal_export(export_dir, root)
-        path = _edit_config(export, lambda c: c.update(resolution="64"))
+        path = _edit_config(export, lambda c: c.update(resolution="sixty-four"))
         return ([*base, "--checkpoint", str(export)],
-                f"--checkpoint: {path}: config.resolution: expected an integer, got '64'")
+                f"--checkpoint: {path}: config.resolution: expected int, got 'sixty-four'")
     if name == "base weights not set":
         export = _minimal_export(export_dir, root)
         path = export / "anystory.json"

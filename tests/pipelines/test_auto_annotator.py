@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.annotate_auto import (
-    AutoAnnotateConfig,
+from anystory.typed_config import parse
+from pipelines.auto_annotator import (
     AutoAnnotator,
-    TinySamSizes,
     assign_labels,
     build_prompt,
     build_tiny_sam,
@@ -29,6 +28,7 @@ from pipelines.annotate_auto import (
     label_token_map,
     load_weights,
 )
+from pipelines.config import AutoAnnotateConfig, TinySamSizes
 from pipelines.tiny_detectors import write_tiny_detectors
 
 CAPTIONS = ["a red ball and a small dog on the grass", "a cat sitting next to a wooden chair"]
@@ -119,35 +119,14 @@ def test_assign_labels_thresholds_and_token_share() -> None:
 
 
 # --- config ---------------------------------------------------------------------------------------------------
-def test_config_dict_round_trip_and_unknown_keys(tiny: tuple[AutoAnnotateConfig, AutoAnnotator]) -> None:
+def test_config_dict_round_trip(tiny: tuple[AutoAnnotateConfig, AutoAnnotator]) -> None:
+    # (the checks of its values: tests/pipelines/test_config.py, with the rest of params.yaml)
     config = tiny[0]
     params = json.loads(json.dumps(config.to_dict()))  # what a params.yaml section holds
-    assert AutoAnnotateConfig.from_dict(params) == config
+    assert parse(AutoAnnotateConfig, params, "model") == config
     written = json.loads((Path(config.gdino_config).parent / "auto_annotate.json").read_text())
-    assert AutoAnnotateConfig.from_dict(written) == config
-    with pytest.raises(ValueError, match="box_treshold"):
-        AutoAnnotateConfig.from_dict({**params, "box_treshold": 0.5})
-    with pytest.raises(ValueError, match="tiny_sam.depth"):
-        AutoAnnotateConfig.from_dict({**params, "tiny_sam": {"depth": 2}})
-    with pytest.raises(ValueError, match="sam_checkpoint"):
-        AutoAnnotateConfig.from_dict({k: v for k, v in params.items() if k != "sam_checkpoint"})
-
-
-def test_validate_names_missing_key_and_path(tiny: tuple[AutoAnnotateConfig, AutoAnnotator], tmp_path: Path) -> None:
-    config = tiny[0]
-    missing = str(tmp_path / "nowhere" / "sam_vit_b.pth")
-    with pytest.raises(FileNotFoundError, match="sam_checkpoint") as err:
-        AutoAnnotator(dataclasses.replace(config, sam_checkpoint=missing))
-    assert missing in str(err.value)
-    with pytest.raises(ValueError, match="gdino_checkpoint"):
-        dataclasses.replace(config, gdino_checkpoint="").validate()
-    with pytest.raises(ValueError, match="sam_model_type"):
-        dataclasses.replace(config, sam_model_type="vit_x").validate()
-    with pytest.raises(ValueError, match="tiny_sam"):
-        dataclasses.replace(config, sam_model_type="vit_b").validate()
-    for bad in ({"box_threshold": 1.5}, {"box_threshold": "0.3"}, {"max_boxes_per_label": 0}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            dataclasses.replace(config, **bad).validate()
+    assert parse(AutoAnnotateConfig, written, "model") == config
+    assert config.tiny_sam == TinySamSizes() and isinstance(config.tiny_sam.encoder_global_attn_indexes, tuple)
 
 
 # --- tiny models ----------------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ def test_repo_params_load_with_sources_parsed():
     ("edit", "message"),
     [
         (lambda d: d["filter"].update(min_scor=0.2), "data.filter.min_scor: unknown key"),
-        (lambda d: d["filter"].update(min_score="high"), "data.filter.min_score: expected a number"),
-        (lambda d: d["shards"].update(images_per_shard=2.5), "data.shards.images_per_shard: expected an integer"),
+        (lambda d: d["filter"].update(min_score="high"), "data.filter.min_score: expected float, got 'high'"),
+        (lambda d: d["shards"].update(images_per_shard=2.5), "data.shards.images_per_shard: expected int, got '2.5'"),
         (lambda d: d["shards"].update(images_per_shard=0), "data.shards.images_per_shard: must be >= 1"),
-        (lambda d: d["filter"].update(dedupe="yes"), "data.filter.dedupe: expected bool"),
+        (lambda d: d["filter"].update(dedupe="maybe"), "data.filter.dedupe: expected bool, got 'maybe'"),
+        (lambda d: d["decode"].update(max_short_side="x"), "data.decode.max_short_side: expected int, got 'x'"),
+        (lambda d: d.update(filter=3), "data.filter: expected a mapping, got int"),
         (lambda d: d["annotate"].update(mode="magic"), "data.annotate.mode: 'magic' is not one of"),
         (lambda d: d["sources"]["unpaired"][0].update(imagez="x"), "data.sources.unpaired[0].imagez: unknown key"),
         (lambda d: d["sources"]["unpaired"][0].pop("images"), "data.sources.unpaired[0].images: required key"),
@@ -61,11 +63,71 @@ def test_params_hash_follows_content_not_runtime_settings():
     assert params_hash(parse_data_config(video_only), "paired") != params_hash(base, "paired")
 
 
+MODEL = {"gdino_config": "g.py", "gdino_checkpoint": "g.pth", "gdino_text_encoder": "bert", "sam_model_type": "vit_b",
+         "sam_checkpoint": "s.pth"}
+
+
 def test_gpus_reserved_for_a_cpu_annotator_is_an_error():
-    import pytest
-
-    from pipelines.config import ConfigError, parse_data_config
-
     with pytest.raises(ConfigError, match="num_gpus"):
-        parse_data_config({"annotate": {"mode": "auto", "auto": {"num_gpus": 1, "model": {"device": "cpu"}}}})
-    parse_data_config({"annotate": {"mode": "auto", "auto": {"num_gpus": 1, "model": {"device": "cuda"}}}})
+        parse_data_config({"annotate": {"auto": {"num_gpus": 1, "model": {**MODEL, "device": "cpu"}}}})
+    assert parse_data_config({"annotate": {"auto": {"num_gpus": 1, "model": {**MODEL, "device": "cuda"}}}})
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({**MODEL, "box_treshold": 0.5}, "data.annotate.auto.model.box_treshold: unknown key (allowed: box_threshold,"),
+        ({k: v for k, v in MODEL.items() if k != "sam_checkpoint"},
+         "data.annotate.auto.model.sam_checkpoint: required key is missing"),
+        ({**MODEL, "sam_model_type": "vit_x"},
+         "data.annotate.auto.model.sam_model_type: 'vit_x' is not one of ['vit_b', 'vit_l', 'vit_h', 'tiny']"),
+        ({**MODEL, "sam_model_type": "tiny"}, "data.annotate.auto.model.tiny_sam: required for sam_model_type 'tiny'"),
+        ({**MODEL, "tiny_sam": {}}, "data.annotate.auto.model.tiny_sam: required for sam_model_type 'tiny'"),
+        ({**MODEL, "sam_model_type": "tiny", "tiny_sam": {"depth": 2}},
+         "data.annotate.auto.model.tiny_sam.depth: unknown key (allowed: decoder_depth,"),
+        ({**MODEL, "box_threshold": 1.5}, "data.annotate.auto.model.box_threshold: must be in [0, 1], got 1.5"),
+        ({**MODEL, "box_threshold": "high"}, "data.annotate.auto.model.box_threshold: expected float, got 'high'"),
+        ({**MODEL, "max_boxes_per_label": 0}, "data.annotate.auto.model.max_boxes_per_label: must be >= 1"),
+        ({**MODEL, "gdino_checkpoint": ""}, "data.annotate.auto.model.gdino_checkpoint: must not be empty"),
+        ({**MODEL, "device": "gpu9"}, "data.annotate.auto.model.device: 'gpu9' is not a torch device"),
+    ],
+)
+def test_the_annotator_config_is_checked_with_the_params(model, message):
+    # Checked whatever the mode: a typo in a model kept for later is found now, not on the GPU machine.
+    with pytest.raises(ConfigError) as err:
+        parse_data_config({"annotate": {"auto": {"model": model}}})
+    assert str(err.value).startswith(message)
+
+
+def test_auto_mode_needs_the_model_and_its_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.annotate.auto.model: required for mode 'auto'"):
+        parse_data_config({"annotate": {"mode": "auto", "auto": {"model": {}}}})
+    model = {k: str(tmp_path / v) for k, v in MODEL.items() if k != "sam_model_type"}
+    with pytest.raises(ConfigError) as err:
+        parse_data_config({"annotate": {"mode": "auto", "auto": {"model": {**model, "sam_model_type": "vit_b"}}}})
+    assert str(err.value) == f"data.annotate.auto.model.gdino_config: {tmp_path}/g.py not found"
+    # mode `given` never reads them, and `model: {}` still means "no model"
+    given = parse_data_config({"annotate": {"auto": {"model": {**model, "sam_model_type": "vit_b"}}}})
+    assert given.annotate.auto.model.gdino_config == f"{tmp_path}/g.py"
+    assert parse_data_config({"annotate": {"auto": {"model": {}}}}).annotate.auto.model is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([("filter.min_score", "0.5")], "min_score=0.5"),
+        ([("filter.min_score", "x")], "data.filter.min_score: expected float, got 'x'"),
+        ([("filter.nope", "1")], "data.filter.nope: unknown key (allowed: dedupe,"),
+        ([("filter.min_score.x", "1")], "data.filter.min_score: not a mapping, cannot set data.filter.min_score.x"),
+        ([("shards.images_per_shard", "0")], "data.shards.images_per_shard: must be >= 1"),
+    ],
+)
+def test_overrides_go_through_the_same_checks(overrides, expected):
+    data = base_params()["data"]
+    try:
+        cfg = parse_data_config(data, overrides)
+    except ConfigError as err:
+        assert str(err).startswith(expected)
+    else:
+        assert expected == f"min_score={cfg.filter.min_score}"
+        assert data["filter"]["min_score"] != 0.5  # the caller's data is not edited
