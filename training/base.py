@@ -20,6 +20,7 @@ from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, sa
 from anystory.presets import get_preset
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
+from training.diffusion import diffusion_step
 from training.text import TextEncoder
 
 
@@ -61,11 +62,9 @@ class ToyUNet(L.LightningModule):
         with torch.no_grad():
             latents = self.vae.encode(batch["pixels"]).latent_dist.sample() * self.vae.config.scaling_factor
             embeds, pooled = self.encode_text(batch["caption"], self.device)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
-        pred = self.unet(self.scheduler.add_noise(latents, noise, t), t, embeds,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]}).sample
-        loss = F.mse_loss(pred, noise)
+        added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
+        loss, _ = diffusion_step(self.scheduler, latents,
+                                 lambda noisy, t: (self.unet(noisy, t, embeds, added_cond_kwargs=added).sample, None))
         self.log("base/unet_loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 

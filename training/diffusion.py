@@ -1,13 +1,20 @@
-"""The training noise and the loss weights of both stages: noise offset (a per-sample, per-channel
-constant added to the noise, so the model learns to shift an image's mean brightness) and
-min-SNR-gamma weighting (Hang et al. 2023: high-SNR timesteps, which dominate the plain loss with
-easy denoising, weigh at most gamma / SNR)."""
+"""The diffusion training step of every model trained here (the toy base's UNet, both AnyStory
+stages): noise the latents at random timesteps, predict the noise, take the (weighted) MSE.
+Noise offset adds a per-sample, per-channel constant to the noise, so the model learns to shift an
+image's mean brightness; min-SNR-gamma weighting (Hang et al. 2023) makes high-SNR timesteps, which
+dominate the plain loss with easy denoising, weigh at most gamma / SNR."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+Extra = TypeVar("Extra")
 
 
 def training_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
@@ -25,3 +32,23 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
         raise ValueError(f"snr_gamma is defined here for epsilon prediction, not {scheduler.config.prediction_type!r}")
     snr = compute_snr(scheduler, timesteps)
     return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error (in float32); with per-sample `weights`, the mean of each sample's error x its weight."""
+    if weights is None:
+        return F.mse_loss(noise_pred.float(), noise.float())
+    per_sample = F.mse_loss(noise_pred.float(), noise.float(), reduction="none").mean(dim=tuple(range(1, noise.ndim)))
+    return (per_sample * weights).mean()
+
+
+def diffusion_step(scheduler: DDPMScheduler, latents: torch.Tensor,
+                   predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Extra]],
+                   noise_offset: float = 0.0, snr_gamma: float | None = None) -> tuple[torch.Tensor, Extra]:
+    """The loss of one training step on clean `latents`. `predict(noisy, timesteps)` returns the noise
+    prediction and anything else its caller needs back (stage 2: the routing maps), returned beside the loss."""
+    noise = training_noise(latents, noise_offset)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noise_pred, extra = predict(scheduler.add_noise(latents, noise, timesteps), timesteps)
+    weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
+    return diffusion_loss(noise_pred, noise, weights), extra

@@ -4,15 +4,12 @@ and no router; stage 2 freezes it and trains the router with diffusion + 0.1 x r
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -24,8 +21,8 @@ from anystory.losses import routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
 from training.conditions import Conditions, encode_conditions
-from training.diffusion import min_snr_weights, training_noise
-from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name
+from training.diffusion import diffusion_loss, diffusion_step
+from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name, lr_schedule
 from training.text import TextEncoder
 
 STAGES = (1, 2)
@@ -33,7 +30,10 @@ STAGES = (1, 2)
 
 class AnyStoryModule(L.LightningModule):
     """Shared base: builds the model, encodes a batch, computes the diffusion loss, and keeps
-    checkpoints to what AnyStory trains (the frozen base is rebuilt from the hyper-parameters)."""
+    checkpoints to what AnyStory adds (the frozen base is rebuilt from the hyper-parameters):
+    `on_save_checkpoint` trims the state_dict Lightning gathered (under any strategy) to the adapter
+    tensors; loading is non-strict for the base (`strict_loading`) and strict for the adapters
+    (`check_state`, a load_state_dict pre-hook, so every strategy's load path runs it)."""
 
     stage: int = 0
 
@@ -66,7 +66,10 @@ class AnyStoryModule(L.LightningModule):
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"model.init_args.snr_gamma must be > 0 (or null), got {snr_gamma}")
         self.model: AnyStoryModel | None = None
+        self.adapter_meta: dict[str, torch.Tensor] = {}  # adapter keys and shapes, on the meta device
         self.rejected: Counter = Counter()
+        self.strict_loading = False  # the checkpoint has no base tensors: missing keys are expected
+        self.register_load_state_dict_pre_hook(self._check_loaded_state)
 
     # ----- model -----
     def build_components(self) -> BaseComponents:
@@ -104,6 +107,7 @@ class AnyStoryModule(L.LightningModule):
         self.encode_text = TextEncoder(components)
         self.noise_scheduler = DDPMScheduler(**SDXL_SCHEDULER)
         self.trainable = self.model.set_stage(self.stage)
+        self.adapter_meta = {k: torch.empty_like(v, device="meta") for k, v in self.model.adapter_state_dict().items()}
         if hp.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
             self.model.referencenet.unet.enable_gradient_checkpointing()
@@ -121,22 +125,21 @@ class AnyStoryModule(L.LightningModule):
             return None
         return set(self.model.adapter_state_dict()) - set(self.model.stage2_parameters())
 
-    # Checkpoints hold what AnyStory adds (strictly checked on load), not the frozen base.
-    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False):
-        self.configure_model()
-        out = destination if destination is not None else {}
-        for key, value in self.model.adapter_state_dict().items():
-            out[f"{prefix}model.{key}"] = value if keep_vars else value.detach()
-        return out
+    # ----- checkpoints: AnyStory's tensors only -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning's state_dict holds the frozen base too (references, not copies). Under FSDP's
+        # rank-0 full state dict the other ranks hold none of the sharded tensors: keep what is there.
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {key: state[key] for key in (f"model.{k}" for k in self.adapter_meta) if key in state}
 
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+    def _check_loaded_state(self, module: torch.nn.Module, state_dict: dict[str, torch.Tensor], prefix: str,
+                            *args: Any) -> None:
+        """Before any tensor is copied: the checkpoint has exactly the adapter tensors, or one line says
+        which keys differ (a non-strict load alone would skip them silently). The model is built first
+        where no Trainer did (LightningModule.load_from_checkpoint); torch loads the children after
+        this hook, so they are the built ones."""
         self.configure_model()
-        own = self.model.adapter_state_dict()
-        check_state(own, state_dict)
-        with torch.no_grad():
-            for key, value in state_dict.items():
-                own[key.removeprefix("model.")].copy_(value)
-        return torch.nn.modules.module._IncompatibleKeys([], [])
+        check_state(self.adapter_meta, {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
 
     def setup(self, stage: str) -> None:
         # Before the model is built (minutes for SDXL): an optimizer whose package is missing.
@@ -158,29 +161,22 @@ class AnyStoryModule(L.LightningModule):
                   **kwargs: Any):
         return self.model(noisy, timesteps, cond.embeds, cond.added, refs, router=self.stage == 2, **kwargs)
 
-    def diffusion_loss(self, noise_pred: torch.Tensor, noise: torch.Tensor,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean squared error; with per-sample `weights`, the mean of each sample's error x its weight."""
-        if weights is None:
-            return F.mse_loss(noise_pred.float(), noise.float())
-        per_sample = F.mse_loss(noise_pred.float(), noise.float(), reduction="none").mean(dim=tuple(range(1, noise.ndim)))
-        return (per_sample * weights).mean()
+    diffusion_loss = staticmethod(diffusion_loss)  # training.diffusion's, for validation
 
     # ----- training -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.count_rejections(batch)
         cond = self.conditions(batch, sample_latents=True)
-        noise = training_noise(cond.latents, self.hparams.noise_offset)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (noise.shape[0],),
-                                  device=noise.device)
-        noisy = self.noise_scheduler.add_noise(cond.latents, noise, timesteps)
-        out = self.run_model(noisy, timesteps, cond, self.model.encode_references(cond.subjects))
-        gamma = self.hparams.snr_gamma
-        weights = min_snr_weights(self.noise_scheduler, timesteps, gamma) if gamma is not None else None
-        loss = self.diffusion_loss(out.noise_pred, noise, weights)
+
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            out = self.run_model(noisy, timesteps, cond, self.model.encode_references(cond.subjects))
+            return out.noise_pred, out.routing
+
+        loss, routing = diffusion_step(self.noise_scheduler, cond.latents, predict, self.hparams.noise_offset,
+                                       self.hparams.snr_gamma)
         logs = {"train/loss_diffusion": loss.detach()}
         if self.stage == 2:
-            route, by_size = routing_loss(out.routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)
+            route, by_size = routing_loss(routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)
             loss = loss + self.hparams.routing_weight * route
             logs["train/loss_routing"] = route.detach()
             logs.update({f"train/loss_routing_{h}x{w}": v.detach() for (h, w), v in by_size.items()})
@@ -214,8 +210,7 @@ class AnyStoryModule(L.LightningModule):
         optimizer = build_optimizer(self.hparams.optimizer, params, self.hparams.lr, self.hparams.weight_decay,
                                     self.device)
         total = self.trainer.max_steps if self._trainer is not None else -1
-        factor = lr_factor(self.hparams.lr_decay, self.hparams.warmup_steps, total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = lr_schedule(optimizer, self.hparams.lr_decay, self.hparams.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -246,27 +241,6 @@ def check_state(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.T
     for key, value in state_dict.items():
         if want[key].shape != value.shape:
             raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want[key].shape)}")
-
-
-def lr_factor(decay: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The lr multiplier per step: linear warm-up, then constant (the paper) or a cosine to 0 at
-    `total_steps` (which a cosine needs: set trainer.max_steps; a run shorter than its warm-up
-    never decays)."""
-    if decay not in ("constant", "cosine"):
-        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {decay!r}")
-    if decay == "cosine" and total_steps <= 0:
-        raise ValueError(f"lr_decay=cosine needs trainer.max_steps (> 0), got {total_steps}")
-    warmup = max(1, warmup_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class Stage1Module(AnyStoryModule):

@@ -1,4 +1,4 @@
-"""The optimizer of both stages (`model.init_args.optimizer`):
+"""The optimizer of both stages (`model.init_args.optimizer`) and its lr schedule (`lr_schedule`):
 - `adamw`: torch's AdamW, with the single-kernel (`fused`) implementation where the device has one
   and the multi-tensor (`foreach`) one elsewhere. The per-parameter loop of the default
   implementation launches several kernels per tensor: stage 1 trains about 2,000 tensors.
@@ -12,6 +12,7 @@ import importlib.util
 from collections.abc import Iterable
 
 import torch
+from diffusers.optimization import get_scheduler
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -47,3 +48,19 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, 
         bnb_optim = importlib.import_module("bitsandbytes.optim")  # imported only when chosen
         return bnb_optim.AdamW8bit(list(params), lr=lr, weight_decay=weight_decay)
     return adamw(params, lr, weight_decay, device)
+
+
+LR_DECAYS = {"constant": "constant_with_warmup", "cosine": "cosine"}  # model.init_args.lr_decay -> diffusers' name
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, decay: str, warmup_steps: int,
+                total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' schedule, stepped once per optimizer step: a linear warm-up from 0 over
+    `warmup_steps`, then constant (the paper) or a cosine to 0 at `total_steps` (which a cosine needs:
+    set trainer.max_steps; a run shorter than its warm-up never decays)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {decay!r}")
+    if decay == "cosine" and total_steps <= 0:
+        raise ValueError(f"lr_decay=cosine needs trainer.max_steps (> 0), got {total_steps}")
+    return get_scheduler(LR_DECAYS[decay], optimizer, num_warmup_steps=warmup_steps,
+                         num_training_steps=total_steps if decay == "cosine" else None)

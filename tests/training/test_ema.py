@@ -91,8 +91,10 @@ def test_ema_follows_the_decay_resumes_and_exports(shard_dirs, tmp_path):
 def test_export_ema_without_ema_weights_names_the_callback(tmp_path, capsys):
     module = Stage1Module(preset="tiny", tokenizer_dir=str(tmp_path / "tok"))
     module.configure_model()
-    hyper = {**dict(module.hparams), "_class_path": "training.module.Stage1Module"}
-    torch.save({"hyper_parameters": hyper, "state_dict": module.state_dict(), "global_step": 1}, tmp_path / "a.ckpt")
+    checkpoint = {"hyper_parameters": {**dict(module.hparams), "_class_path": "training.module.Stage1Module"},
+                  "state_dict": module.state_dict(), "global_step": 1}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "a.ckpt")
     assert export_main(["--ckpt", str(tmp_path / "a.ckpt"), "--out", str(tmp_path / "out"), "--ema"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "training.ema.EMA" in err and not (tmp_path / "out").exists()

@@ -24,7 +24,9 @@ def _checkpoint(path: Path, cls, noise_seed: int, **hparams) -> Path:
     state_dict), its adapter tensors moved away from their initial values."""
     module = cls(**hparams)
     module.configure_model()
-    state = module.state_dict()
+    checkpoint = {"state_dict": module.state_dict()}  # what Lightning gathers, then hands to the hook
+    module.on_save_checkpoint(checkpoint)
+    state = checkpoint["state_dict"]
     generator = torch.Generator().manual_seed(noise_seed)
     state = {k: v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
              for k, v in state.items()}
@@ -40,7 +42,9 @@ def _old_export(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -> Path
     cls = Stage1Module if checkpoint["hyper_parameters"]["_class_path"].endswith("Stage1Module") else Stage2Module
     module = cls(**hparams)
     module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        for key, value in module.model.adapter_state_dict().items():
+            value.copy_(checkpoint["state_dict"][f"model.{key}"])
     metadata = {"stage": module.stage, "global_step": int(checkpoint["global_step"]), "checkpoint": str(ckpt)}
     return save_export(module.model, out, components=None if hparams["weights"] else module.components,
                        dtype=dtype, metadata=metadata)
