@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from diffusers import DDPMScheduler
 
 from anystory.atomic import write_atomic
 from anystory.components import SDXL_SCHEDULER
 from anystory.export import load_export
 from anystory.model import AnyStoryModel
+from anystory.typed_config import ConfigError, parse, read_section
 from training.bootstrap import difference_interval, ratio_interval
 from training.conditions import encode_conditions
 from training.data.datamodule import ShardDataModule
@@ -188,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=None,
                         help="a params.yaml whose train.eval section sets the defaults of the options above")
     args = parser.parse_args(argv)
-    if args.params is not None:
-        section = (yaml.safe_load(args.params.read_text()).get("train") or {}).get("eval") or {}
-        unknown = set(section) - {"timesteps", "batch_size", "max_subjects", "max_batches", "generate_steps"}
-        if unknown:
-            raise SystemExit(f"error: unknown keys in train.eval of {args.params}: {sorted(unknown)}")
-        parser.set_defaults(**section)
+    if args.params is not None:  # train.eval: defaults of the options above, checked as all params are
+        options = {"timesteps": list[int], "batch_size": int, "max_subjects": int, "max_batches": int | None,
+                   "generate_steps": int}
+        schema = make_dataclass("TrainEval", [(key, tp, field(default=None)) for key, tp in options.items()])
+        try:
+            section = read_section(args.params, "train.eval") or {}
+            given = parse(schema, section, "train.eval")
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        parser.set_defaults(**{key: getattr(given, key) for key in section})
         args = parser.parse_args(argv)
 
     appearances = identities = None
