@@ -27,6 +27,7 @@ from training.data.datamodule import list_shards
 
 OWN, BLENDED, NEITHER, ABSENT = 0, 1, 2, -1
 MIN_PIXELS = 4  # an eroded region smaller than this falls back to the whole mask
+ALIKE = 12.0  # appearances whose mean colours are closer than this (0..255 RGB) count as one
 
 
 class IdentityError(ValueError):
@@ -46,35 +47,51 @@ def load_catalogue(path: Path) -> list[Identity]:
 
 @dataclass(frozen=True)
 class Appearances:
-    """The catalogue's distinct appearances (colour, texture): their mean colours (C, 3) in 0..255
+    """The catalogue's appearances as a mean colour can tell them apart: their names
+    ("colour texture", joined by " | " where several look alike), mean colours (C, 3) in 0..255,
     and the appearance index of each identity id."""
 
-    names: list[tuple[str, str]]
+    names: list[str]
     colours: np.ndarray
     of_identity: dict[int, int]
 
     @classmethod
     def of(cls, identities: list[Identity], size: int = 64) -> Appearances:
         """Each identity painted on a mid-grey canvas of `size` px (the model's resolution) at two
-        sizes and angles, measured as a region is; identities of one appearance (other shapes) are
-        averaged. (Passing the drawings through the toy VAE first does not help: it shifts some
-        colours so far that appearances merge.)"""
-        names = sorted({(i.colour, i.texture) for i in identities})
+        sizes and angles, measured as a region is. Identities of one colour and texture (other
+        shapes) are one appearance; appearances whose colours lie within ALIKE of each other (e.g.
+        striped and checkered in one colour: half the colour, half its shade) are merged, since a
+        mean colour cannot tell them apart. (Passing the drawings through the toy VAE first does not
+        help: it shifts some colours so far that more appearances merge.)"""
+        kinds = sorted({(i.colour, i.texture) for i in identities})
         drawings, masks, owners = [], [], []
         for ident in identities:
             for radius, angle in ((0.18, 0.0), (0.3, 0.6)):
                 canvas = np.full((size, size, 3), 128, dtype=np.uint8)
                 masks.append(paint_subject(canvas, Placement(ident, size / 2, size / 2, size * radius, angle)))
                 drawings.append(canvas)
-                owners.append(names.index((ident.colour, ident.texture)))
+                owners.append(kinds.index((ident.colour, ident.texture)))
         images = torch.from_numpy(np.stack(drawings)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         mask_t = torch.from_numpy(np.stack(masks)).float()[:, None]
         colours, _ = region_colours(images, mask_t, torch.ones(len(masks), 1, dtype=torch.bool))
-        sums = np.zeros((len(names), 3))
-        counts = np.zeros(len(names))
+        sums = np.zeros((len(kinds), 3))
+        counts = np.zeros(len(kinds))
         np.add.at(sums, owners, colours[:, 0].double().numpy())
         np.add.at(counts, owners, 1)
-        return cls(names, sums / counts[:, None], {i.id: names.index((i.colour, i.texture)) for i in identities})
+        means = sums / counts[:, None]
+        # Merge look-alikes: each kind joins the group of the first earlier kind within ALIKE.
+        group = list(range(len(kinds)))
+        for k in range(len(kinds)):
+            for j in range(k):
+                if np.linalg.norm(means[k] - means[j]) < ALIKE:
+                    group[k] = group[j]
+                    break
+        roots = sorted(set(group))
+        members = [[k for k in range(len(kinds)) if group[k] == r] for r in roots]
+        names = [" | ".join(f"{kinds[k][0]} {kinds[k][1]}" for k in ks) for ks in members]
+        table = np.stack([means[ks].mean(0) for ks in members])
+        index = {k: roots.index(group[k]) for k in range(len(kinds))}
+        return cls(names, table, {i.id: index[kinds.index((i.colour, i.texture))] for i in identities})
 
 
 def region_colours(images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
