@@ -1,23 +1,24 @@
-"""Contract shards for the training tests: squares of distinct colours on noise, with exact masks and
-references cut from the target, encoded by the pipeline's own encoder (pipelines/stages/encode.py,
-which follows pipelines/shards/contract.py) and written with webdataset's TarWriter."""
+"""Contract shards for the training tests, written by the pipeline itself: sample rows of squares of
+distinct colours on noise (exact masks, references cut from the target as the pipeline's refs stage
+cuts them: `ref_from: "self"`) go through the pipeline's encode stage (pipelines/stages/encode.py)
+and its shard writer (pipelines/shards/writer.py: tar, status table, stats), as a build writes them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import webdataset as wds
 
-from pipelines.config import ShardsConfig
-from pipelines.shards.contract import sample_key
-from pipelines.stages.encode import sample_members
+from pipelines.config import PIPELINE_VERSION, ShardsConfig
+from pipelines.shards.writer import WriteShard
+from pipelines.stages.encode import EncodeSamples
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 200, 40)]
+SOURCE, KIND, PARAMS_HASH = "test", "unpaired", "test"
 
 
-def _sample(rng: np.random.Generator, size: int, n: int) -> dict[str, bytes]:
+def _row(rng: np.random.Generator, size: int, n: int, source_id: str) -> dict[str, Any]:
     image = rng.integers(90, 160, (size, size, 3), dtype=np.uint8)
     subjects = []
     side = size // 3
@@ -33,24 +34,23 @@ def _sample(rng: np.random.Generator, size: int, n: int) -> dict[str, bytes]:
         s["ref"] = image[top - 2 : top + side + 2, left - 2 : left + side + 2].copy()
         s["refmask"] = np.zeros(s["ref"].shape[:2], dtype=bool)
         s["refmask"][2:-2, 2:-2] = True
-    sample = {"image": image, "caption": "things on noise", "subjects": subjects, "source_id": "x",
-              "passthrough": None}
-    return sample_members(sample, "test", "unpaired", "test", ShardsConfig(image_format="png"))
+    return {"image": image, "caption": "things on noise", "subjects": subjects, "source_id": source_id,
+            "passthrough": None}
 
 
 def write_shards(folder: Path, shards: int = 2, per_shard: int = 6, size: int = 64, seed: int = 0,
                  corrupt: int = 0) -> Path:
-    """Write complete shards (tar + stats) into `folder`; `corrupt` samples per shard get an
-    undecodable target image."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write complete shards (tar, status table, stats) into `folder`; `corrupt` samples per shard
+    get an undecodable target image (the bytes a damaged file would have)."""
     rng = np.random.default_rng(seed)
+    encode = EncodeSamples(SOURCE, KIND, PARAMS_HASH, ShardsConfig(image_format="png"))
+    write = WriteShard(str(folder))
     for shard in range(shards):
-        with wds.TarWriter(str(folder / f"{shard:06d}.tar")) as sink:
-            for index in range(per_shard):
-                members = _sample(rng, size, n=1 + (index % 3))
-                if index < corrupt:
-                    members["png"] = b"not an image"
-                sink.write({"__key__": sample_key("test", shard, index), **members})
-        stats = {"inputs": per_shard, "written": per_shard, "rejected": {}}
-        (folder / f"{shard:06d}.stats.json").write_text(json.dumps(stats))
+        rows = [_row(rng, size, n=1 + (index % 3), source_id=f"{shard}-{index}") for index in range(per_shard)]
+        batch = encode({name: [row[name] for row in rows] for name in rows[0]})
+        for members in batch["members"][:corrupt]:
+            members[0]["png"] = b"not an image"
+        spec = {"shard": shard, "source": SOURCE, "kind": KIND, "params_hash": PARAMS_HASH,
+                "pipeline_version": PIPELINE_VERSION}
+        write(spec, batch, timings={})
     return folder
