@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
+from anystory.presets import get_preset
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
+from training.data.sample import SampleConfig
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
 from training.optim import OptimizerUnavailable
@@ -21,6 +24,32 @@ from training.progress import StepProgress, StepProgressBar
 
 class CheckpointError(ValueError):
     """The checkpoint to resume from is missing or unreadable."""
+
+
+class SampleSizeMismatch(ValueError):
+    """data.sample sets an image size that is not the model preset's."""
+
+
+# data.sample key -> the AnyStoryConfig field it must equal
+PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref_size": "ref_size"}
+
+
+def derive_sample_sizes(config: Any) -> None:
+    """Set data.sample's image sizes from the model preset (a parsed `fit` config, in place): the
+    YAMLs leave them out, so that the data and the model cannot disagree. A size given explicitly must
+    equal the preset's; as a namespace cannot tell a value left out from one written equal to the
+    SampleConfig default, a default value counts as left out."""
+    name = config.model.init_args.preset
+    preset = get_preset(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(SampleConfig)}
+    if config.data.sample is None:
+        config.data.sample = type(config)()  # SampleConfig's defaults, with the sizes set below
+    for key, field in PRESET_SIZES.items():
+        want, given = getattr(preset, field), config.data.sample.get(key, defaults[key])
+        if given not in (want, defaults[key]):
+            raise SampleSizeMismatch(f"data.sample.{key}: {given} is not the {field} of model preset {name!r} "
+                                     f"({want}); leave it out: it is derived from the preset")
+        config.data.sample[key] = want
 
 
 def resume_checkpoint(trainer: Trainer, ckpt_path: str | None) -> str | None:
@@ -63,6 +92,9 @@ class AnyStoryCLI(LightningCLI):
             kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        derive_sample_sizes(self.config[self.subcommand] if self.subcommand else self.config)
+
     def before_fit(self) -> None:
         resume_checkpoint(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 
@@ -81,7 +113,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         )
     except UnreadableShards as err:
         message = UnreadableShards.one_line(err)
-    except (NoShards, CheckpointError, OptimizerUnavailable) as err:
+    except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch) as err:
         message = str(err)
     print(f"python -m training: error: {message}", file=sys.stderr)
     raise SystemExit(2)

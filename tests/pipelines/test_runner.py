@@ -16,6 +16,13 @@ from tests.pipelines.helpers import toy_params
 def test_the_source_opens_and_the_sink_closes_the_groups(tmp_path, kind, mode):
     data = toy_params(tmp_path / "toy", tmp_path / "out")["data"]
     data["annotate"]["mode"] = mode
+    if mode == "auto":  # grouping builds no model: empty files stand where its weights go
+        (tmp_path / "bert").mkdir()
+        for name in ("g.py", "g.pth", "s.pth"):
+            (tmp_path / name).touch()
+        data["annotate"]["auto"]["model"] = {
+            "gdino_config": str(tmp_path / "g.py"), "gdino_checkpoint": str(tmp_path / "g.pth"),
+            "gdino_text_encoder": str(tmp_path / "bert"), "sam_model_type": "vit_b", "sam_checkpoint": str(tmp_path / "s.pth")}
     groups = make_groups(parse_data_config(data), kind, str(tmp_path / "out" / kind))
     assert [g.name for g in groups] == (["build"] if mode == "given" else ["prepare", "annotate_auto", "finish"])
     assert isinstance(groups[0].source, ReadShard) and all(g.source is None for g in groups[1:])
