@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
-from anystory.export import load_export, random_export
+from anystory.export import load_adapter_weights, load_export, random_export
 from anystory.presets import get_preset
 from anystory.tokenizer import build_clip_tokenizer
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
 from training.evaluate import evaluate, main
+from training.identity import Appearances, load_catalogue, shard_identities
+from training.module import Stage2Module
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +24,25 @@ pytestmark = pytest.mark.slow
 def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     return random_export(get_preset("tiny"), root / "export", root / "tok")
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    """The catalogue of the test shards (tests/training/shards.py): plain squares whose colours are the
+    toy world's red, green, blue and yellow (within 30 of each channel), identities 0..3."""
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"identities": [
+        {"id": i, "shape": "square", "texture": "plain", "colour": c}
+        for i, c in enumerate(("red", "green", "blue", "yellow"))]}))
+    return path
+
+
+def _batches(export_dir, shard_dirs, batch_size):
+    cfg = get_preset("tiny")
+    data = ShardDataModule(train_shards=[], val_shards=[str(shard_dirs["val"])], batch_size=batch_size, num_workers=0,
+                           sample=SampleConfig(resolution=cfg.resolution, clip_size=cfg.clip_image_size,
+                                               ref_size=cfg.ref_size, max_subjects=4))
+    return data, list(data.val_dataloader())
 
 
 def _tiny_image_models(root):
@@ -38,29 +61,47 @@ def _tiny_image_models(root):
     return clip_dir, dino_dir
 
 
-def test_eval_json_has_every_metric_and_consistent_baselines(export_dir, shard_dirs, tmp_path):
+def test_headline_and_details_with_intervals(export_dir, shard_dirs, manifest, tmp_path):
     clip_dir, dino_dir = _tiny_image_models(tmp_path)
     out = tmp_path / "metrics" / "eval.json"
     main(["--export", str(export_dir), "--shards", str(shard_dirs["val"]), "--out", str(out),
-          "--timesteps", "300", "700", "--batch-size", "2", "--clip-model", str(clip_dir),
-          "--dino-model", str(dino_dir), "--generate-steps", "2", "--device", "cpu"])
-    result = json.loads(out.read_text())
-    assert result["samples"] == 4
-    miou = result["router_miou"]
-    assert set(miou) == {"refined", "coarse", "all_background", "uniform_random"}
-    assert miou["all_background"]["overall"] == 0.0  # no subject position is ever predicted
-    assert 0.0 < miou["uniform_random"]["overall"] < 1.0
-    assert {"t_300", "t_700"} <= set(miou["refined"]) and any(k.startswith("res_") for k in miou["refined"])
-    assert set(result["ablations_val_loss"]) == {"both", "clip_only", "referencenet_only", "router_off",
-                                                 "ground_truth_routes"}
-    assert result["ablations_val_loss"]["both"] == result["val_loss"]["with_subject"]
-    # The switches matter: each ablation gives another loss.
-    assert len({round(v, 9) for v in result["ablations_val_loss"].values()}) == 5
-    metrics = result["image_metrics"]
-    assert metrics["samples"] == 4 and metrics["clip_t"] is not None
-    assert metrics["missing"] is not None
-    for key in ("clip_i", "dino"):  # cosine similarities of 4 generated subjects: defined, so in [-1, 1]
+          "--catalogue", str(manifest), "--timesteps", "300", "700", "--batch-size", "2",
+          "--clip-model", str(clip_dir), "--dino-model", str(dino_dir), "--generate-steps", "2", "--device", "cpu"])
+    headline = json.loads(out.read_text())
+    details = json.loads((tmp_path / "metrics" / "eval_details.json").read_text())
+    assert set(headline) == {"samples", "router_miou", "router_miou_t_le_500", "condition_gain", "loss_in_subjects",
+                             "identity_accuracy_multi", "blending_rate_multi"}
+    assert headline["samples"] == details["samples"] == 4
+    figures = [headline["router_miou"], headline["router_miou_t_le_500"], headline["condition_gain"],
+               *headline["loss_in_subjects"].values(), *headline["identity_accuracy_multi"].values(),
+               *headline["blending_rate_multi"].values()]
+    assert len(figures) == 10
+    for figure in figures:  # value and "low..high" around it
+        low, high = (float(x) for x in figure["ci95"].split(".."))
+        assert low - 5e-4 <= figure["value"] <= high + 5e-4
+    # The targets themselves are the catalogue's colours: every subject reads as its own.
+    target = details["identity_x0"]["target"]
+    assert target["accuracy"]["all_t"]["value"] == 1.0 and target["blending"]["all_t"]["value"] == 0.0
+    assert target["accuracy"]["all_t"]["n"] == 4 and target["accuracy_multi"]["all_t"]["n"] == 2  # 2 multi images
+    # Every variant is measured and the switches matter: six different whole-image losses.
+    losses = {v: details["loss"][v]["all"]["all_t"]["value"] for v in details["loss"]}
+    assert set(losses) == {"full", "router_off", "clip_only", "referencenet_only", "without_subject",
+                           "ground_truth_routes"}
+    assert len({round(v, 9) for v in losses.values()}) == 6
+    full_minus_off = details["differences"]["loss"]["subjects"]["full_minus_router_off"]["all_t"]
+    assert full_minus_off["value"] == pytest.approx(
+        details["loss"]["full"]["subjects"]["all_t"]["value"] - details["loss"]["router_off"]["subjects"]["all_t"]["value"])
+    metrics = details["image_metrics"]
+    assert metrics["samples"] == 4 and metrics["clip_t"] is not None and metrics["missing"] is not None
+    for key in ("clip_i", "dino"):  # cosine similarities of generated subjects: defined, so in [-1, 1]
         assert -1.0 <= metrics[key] <= 1.0
+
+
+def test_a_missing_catalogue_is_one_line_before_any_model_loads(shard_dirs, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --catalogue .*missing\.json: no such toy-world manifest$"):
+        main(["--export", str(tmp_path / "no_export"), "--shards", str(shard_dirs["val"]), "--out",
+              str(tmp_path / "eval.json"), "--catalogue", str(tmp_path / "missing.json")])
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_router_miou_of_a_router_that_routes_everything_to_the_first_subject(export_dir, shard_dirs):
@@ -77,11 +118,7 @@ def test_router_miou_of_a_router_that_routes_everything_to_the_first_subject(exp
                 for layer in (proc.router.coarse_latent, proc.router.refined_latent):
                     layer.weight.zero_()
                     layer.bias.zero_()
-    cfg = model.config
-    data = ShardDataModule(train_shards=[], val_shards=[str(shard_dirs["val"])], batch_size=2, num_workers=0,
-                           sample=SampleConfig(resolution=cfg.resolution, clip_size=cfg.clip_image_size,
-                                               ref_size=cfg.ref_size, max_subjects=4))
-    batches = list(data.val_dataloader())
+    _, batches = _batches(export_dir, shard_dirs, 2)
     halves, empty = 0, 0
     for batch in batches:
         masks = torch.zeros_like(batch["masks"])
@@ -91,15 +128,48 @@ def test_router_miou_of_a_router_that_routes_everything_to_the_first_subject(exp
         batch["masks"] = masks * batch["valid"][:, :, None, None]
         halves += int(batch["valid"][:, 0].sum())
         empty += int(batch["valid"][:, 1].sum())
-    assert halves == 4 and empty >= 1  # the val shards: every sample has a subject, some a second
+    assert halves == 4 and empty == 2  # the val shards: 1, 2, 3, 1 subjects (the third's right half: empty)
     expected = 0.5 * halves / (halves + empty)
 
-    result = evaluate(model, components, batches, [300, 700])
-    miou = result["router_miou"]
+    miou = evaluate(model, components, batches, [300, 700])["router_miou"]
     for kind in ("refined", "coarse"):
-        per_key = miou[kind]
-        assert {"overall", "t_300", "t_700"} <= set(per_key) and any(k.startswith("res_") for k in per_key)
-        assert per_key == pytest.approx(dict.fromkeys(per_key, expected), abs=1e-12)
-    assert set(miou["all_background"].values()) == {0.0}
-    assert result["router_miou_margin_over_trivial"] == pytest.approx(
-        expected - max(0.0, miou["uniform_random"]["overall"]), abs=1e-12)
+        sizes = [k for k in miou[kind] if k.startswith("res_")]
+        assert sizes
+        for node in [miou[kind], *(miou[kind][s] for s in sizes)]:
+            for group in ("all_t", "t_le_500", "t_300", "t_700"):
+                figure = node[group]
+                # Two images of one subject (IoU 1/2 each) and two of two counted subjects (1/2 and 0):
+                # a resample of four images drawn only from one kind (probability 1/16 each, above
+                # the 2.5% tails) gives 1/2 or 1/4, so the 95% interval is exactly [1/4, 1/2].
+                assert [figure["value"], figure["low"], figure["high"]] == pytest.approx([expected, 0.25, 0.5],
+                                                                                        abs=1e-12)
+    assert miou["all_background"]["all_t"]["value"] == 0.0
+
+
+def test_the_training_loop_logs_what_the_evaluation_reports(export_dir, shard_dirs, manifest, tmp_path):
+    """Same checkpoint, same held-out data, other batch sizes (2 in the loop, 4 in the evaluation): the
+    figures agree, since both run training.validation.batch_metrics with noise seeded per sample."""
+    module = Stage2Module(preset="tiny", base_dir=str(export_dir / "base"), val_timesteps=[300, 700],
+                          tokenizer_dir=str(tmp_path / "tok"))
+    module.configure_model()
+    load_adapter_weights(module.model, export_dir / "anystory.safetensors")
+    data, _ = _batches(export_dir, shard_dirs, 2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    logged = trainer.validate(module, datamodule=data, verbose=False)[0]
+
+    model, components = load_export(export_dir, device="cpu")
+    _, batches = _batches(export_dir, shard_dirs, 4)
+    appearances = Appearances.of(load_catalogue(manifest))
+    details = evaluate(model, components, batches, [300, 700], appearances, shard_identities([str(shard_dirs["val"])]))
+    reported = {
+        "val/loss": details["loss"]["full"]["all"]["all_t"],
+        "val/loss_without_subject": details["loss"]["without_subject"]["all"]["all_t"],
+        "val/loss_subjects": details["loss"]["full"]["subjects"]["all_t"],
+        "val/loss_subjects_without_subject": details["loss"]["without_subject"]["subjects"]["all_t"],
+        "val/router_miou": details["router_miou"]["refined"]["all_t"],
+        "val/router_miou_t_le_500": details["router_miou"]["refined"]["t_le_500"],
+    }
+    assert set(logged) == set(reported)
+    for name, figure in reported.items():
+        assert logged[name] == pytest.approx(figure["value"], rel=1e-4, abs=1e-6), name
