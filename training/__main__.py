@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anystory.presets import get_preset
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
-from training.data.sample import SampleConfig
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
 from training.optim import OptimizerUnavailable
@@ -34,20 +33,18 @@ class SampleSizeMismatch(ValueError):
 PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref_size": "ref_size"}
 
 
-def derive_sample_sizes(config: Any) -> None:
-    """Set data.sample's image sizes from the model preset (a parsed `fit` config, in place): the
-    YAMLs leave them out, so that the data and the model cannot disagree. A size given explicitly must
-    equal the preset's; as a namespace cannot tell a value left out from one written equal to the
-    SampleConfig default, a default value counts as left out."""
+def derive_sample_sizes(config: Any, given: Any) -> None:
+    """Set data.sample's image sizes from the model preset (in `config`, a parsed `fit` config, in
+    place): the YAMLs leave them out, so that the data and the model cannot disagree. A size written
+    anyway (in `given`, the same arguments parsed without defaults) must equal the preset's."""
     name = config.model.init_args.preset
     preset = get_preset(name)
-    defaults = {f.name: f.default for f in dataclasses.fields(SampleConfig)}
     if config.data.sample is None:
         config.data.sample = type(config)()  # SampleConfig's defaults, with the sizes set below
     for key, field in PRESET_SIZES.items():
-        want, given = getattr(preset, field), config.data.sample.get(key, defaults[key])
-        if given not in (want, defaults[key]):
-            raise SampleSizeMismatch(f"data.sample.{key}: {given} is not the {field} of model preset {name!r} "
+        want, written = getattr(preset, field), given.get(f"data.sample.{key}") if given.get("data.sample") else None
+        if written is not None and written != want:
+            raise SampleSizeMismatch(f"data.sample.{key}: {written} is not the {field} of model preset {name!r} "
                                      f"({want}); leave it out: it is derived from the preset")
         config.data.sample[key] = want
 
@@ -92,8 +89,17 @@ class AnyStoryCLI(LightningCLI):
             kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # The same arguments without defaults: what the user wrote (a default cannot disagree with the preset).
+        self.given = (parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace))
+                      else parser.parse_args(args, defaults=False))
+
     def before_instantiate_classes(self) -> None:
-        derive_sample_sizes(self.config[self.subcommand] if self.subcommand else self.config)
+        if self.subcommand:
+            derive_sample_sizes(self.config[self.subcommand], self.given[self.subcommand])
+        else:
+            derive_sample_sizes(self.config, self.given)
 
     def before_fit(self) -> None:
         resume_checkpoint(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
