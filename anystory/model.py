@@ -25,7 +25,8 @@ from anystory.referencenet import ReferenceNet
 class Subjects:
     """A batch of reference subjects, padded to N per sample.
 
-    clip_pixels: (B, N, 3, S, S) CLIP-normalised, background already zero (the encoder's zero)
+    clip_pixels: (B, N, 3, S, S) CLIP-normalised, background already zero (the encoder's zero);
+                 None when `clip_tokens` are given
     ref_latents: (B, N, 4, h, w) scaled VAE latents of the segmented references
     ref_masks:   (B, N, 1, h, w) subject masks at latent size, in {0, 1}
     valid:       (B, N) bool; False marks padding
@@ -33,20 +34,32 @@ class Subjects:
                  (the 10% CLIP-condition drop of training)
     all_valid:   whether no subject is padding, when the host knows it without reading `valid` back
                  from the device (then the layers skip the padding masks); None: unknown
+    clip_tokens: (B, N, T, C) the image encoder's tokens of `clip_pixels`, and null_clip_tokens (T, C)
+                 those of the zero image, when computed beforehand (training's encoder cache); then
+                 the image encoder does not run
     """
 
-    clip_pixels: torch.Tensor
+    clip_pixels: torch.Tensor | None
     ref_latents: torch.Tensor
     ref_masks: torch.Tensor
     valid: torch.Tensor
     drop: torch.Tensor | None = None
     all_valid: bool | None = None
+    clip_tokens: torch.Tensor | None = None
+    null_clip_tokens: torch.Tensor | None = None
 
 
 @dataclass
 class AnyStoryOutput:
     noise_pred: torch.Tensor
     routing: dict[int, LayerRouting]  # layer index -> maps (empty when the router is off)
+
+
+@torch.no_grad()
+def clip_tokens(image_encoder: CLIPVisionModelWithProjection, pixels: torch.Tensor) -> torch.Tensor:
+    """(M, 3, S, S) CLIP pixels -> the penultimate layer's tokens, (M, 257, 1280) for ViT-H/14."""
+    hidden = image_encoder(pixels.to(image_encoder.dtype), output_hidden_states=True)
+    return hidden.hidden_states[-2]
 
 
 class AnyStoryModel(nn.Module):
@@ -121,16 +134,14 @@ class AnyStoryModel(nn.Module):
         return state
 
     # ----- encoders -----
-    def _clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = self.image_encoder(pixels.to(self.image_encoder.dtype), output_hidden_states=True)
-        return hidden.hidden_states[-2]  # penultimate layer, (M, 257, 1280) for ViT-H/14
-
     def encode_references(self, subjects: Subjects) -> ReferenceEncoding:
         b, n = subjects.valid.shape
-        pixels = subjects.clip_pixels.flatten(0, 1)
-        zero = torch.zeros_like(pixels[:1])  # the zero image: background route and CFG null
-        clip = self._clip_tokens(torch.cat([pixels, zero]))
+        if subjects.clip_tokens is None:
+            pixels = subjects.clip_pixels.flatten(0, 1)
+            zero = torch.zeros_like(pixels[:1])  # the zero image: background route and CFG null
+            clip = clip_tokens(self.image_encoder, torch.cat([pixels, zero]))
+        else:
+            clip = torch.cat([subjects.clip_tokens.flatten(0, 1), subjects.null_clip_tokens[None]])
         tokens = self.subject_qformer(clip)
         routes = self.routing_qformer(clip)[:, 0]
         subject_tokens, null_tokens = tokens[:-1].unflatten(0, (b, n)), tokens[-1:]

@@ -28,7 +28,7 @@ class Throughput(L.Callback):
                            batch_idx: int) -> None:
         self._times = (self._times + [time.perf_counter()])[-(self.window + 1):]
         if len(self._times) > 1:
-            rate = batch["pixels"].shape[0] * (len(self._times) - 1) / (self._times[-1] - self._times[0])
+            rate = len(batch["caption"]) * (len(self._times) - 1) / (self._times[-1] - self._times[0])
             module.log("train/samples_per_s", rate, batch_size=1)
 
 

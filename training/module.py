@@ -181,7 +181,7 @@ class AnyStoryModule(L.LightningModule):
             logs["train/loss_routing"] = route.detach()
             logs.update({f"train/loss_routing_{h}x{w}": v.detach() for (h, w), v in by_size.items()})
         logs["train/loss"] = loss.detach()
-        batch_size = batch["pixels"].shape[0]
+        batch_size = len(batch["caption"])  # cached batches hold no pixels
         self.log_dict(logs, prog_bar=False, batch_size=batch_size)
         self.log("train/loss_total", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
         return loss

@@ -49,8 +49,9 @@ class StepProgress(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if isinstance(batch, dict) and "pixels" in batch:
-            self._samples += int(batch["pixels"].shape[0]) * trainer.world_size
+        rows = batch.get("caption", batch.get("pixels")) if isinstance(batch, dict) else None  # cached: no pixels
+        if rows is not None:
+            self._samples += len(rows) * trainer.world_size
         step, total = trainer.global_step, total_steps(trainer)
         due = step % self.every_n_steps == 0 or step == total
         # Under gradient accumulation several batches end on one step: print it once.

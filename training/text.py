@@ -12,6 +12,11 @@ class TextEncoder:
     def __init__(self, components: BaseComponents) -> None:
         self.pipe = sdxl_pipeline(components)  # only for its encode_prompt
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the embeddings (diffusers casts them to the second encoder's)."""
+        return self.pipe.text_encoder_2.dtype
+
     @torch.no_grad()
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (prompt embeds (B, 77, cross_dim), pooled (B, pooled_dim))."""

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import webdataset as wds
 
+from training.data.cached import DecodeCached, cache_shards, check_manifest, read_manifest, read_null
 from training.data.sample import DecodeSample, SampleConfig, SampleError, collate
 
 
@@ -175,7 +176,7 @@ class SeededShuffle:
 class DecodeAndBatch:
     """Pipeline stage: raw samples -> collated batches with a `rejected` count per reason."""
 
-    decode: DecodeSample
+    decode: DecodeSample | DecodeCached
     batch_size: int
     counter: RejectCounter
     train: bool
@@ -213,6 +214,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         seed: int = 0,
         sample: SampleConfig | None = None,
+        cache_dir: str | None = None,  # the encoder cache of train_shards (python -m training.cache)
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -224,9 +226,22 @@ class ShardDataModule(L.LightningDataModule):
         step = self.trainer.global_step if self.trainer is not None else 0
         return self.hparams.seed + 1_000_003 * step
 
+    def _encoder_cache(self, shards: list[str]) -> tuple[list[str], DecodeCached]:
+        """The cache shards of the training shards and their decode, after checking that the cache
+        fits this run (sample settings, the model's base when a trainer is attached) and is current."""
+        cache_dir = self.hparams.cache_dir
+        manifest = read_manifest(cache_dir)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        check_manifest(cache_dir, manifest, self.sample, dict(module.hparams) if module is not None else None)
+        return cache_shards(cache_dir, shards, manifest), DecodeCached(self.sample, read_null(cache_dir))
+
     def _pipeline(self, locations: list[str], train: bool) -> wds.DataPipeline:
         counter = RejectCounter()
         shards = list_shards(locations)
+        decode: DecodeSample | DecodeCached = DecodeSample(self.sample)
+        if train and self.hparams.cache_dir:
+            # Validation stays uncached: it wants every sample un-augmented, not one of the cached draws.
+            shards, decode = self._encoder_cache(shards)
         stages: list[Any] = []
         seed = self._stream_seed()
         if train:
@@ -241,7 +256,7 @@ class ShardDataModule(L.LightningDataModule):
         if train and self.hparams.shuffle_buffer > 1:
             stages.append(SeededShuffle(self.hparams.shuffle_buffer, min(64, self.hparams.shuffle_buffer), seed))
         batch_size = self.hparams.batch_size if train else (self.hparams.val_batch_size or self.hparams.batch_size)
-        stages.append(DecodeAndBatch(DecodeSample(self.sample), batch_size, counter, train, seed))
+        stages.append(DecodeAndBatch(decode, batch_size, counter, train, seed))
         return wds.DataPipeline(*stages)
 
     def _loader(self, pipeline: wds.DataPipeline, workers: int, persistent: bool = False) -> wds.WebLoader:
