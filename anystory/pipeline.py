@@ -94,11 +94,16 @@ class AnyStoryPipeline:
         record_routing: bool = False,
         cache_reference_kv: bool = True,
         step_callback: Callable[..., dict] | None = None,
+        subject_attention: bool = True,
+        reference_attention: bool = True,
+        given_routes: Callable[[tuple[int, int]], torch.Tensor] | None = None,
     ) -> GenerationResult:
         """Generate from an encoding of one sample's references (batch size 1). What depends only on
         the call (the references' and the prompt's projected K/V, the routers' per-route factors) is
         computed at the first step and reused (`cache_reference_kv`). `step_callback` is diffusers'
-        `callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs`."""
+        `callback_on_step_end(pipe, step, timestep, kwargs) -> kwargs`. `subject_attention` /
+        `reference_attention` switch the CLIP / ReferenceNet path off (the paper's ablations);
+        `given_routes(hw) -> (1, h * w, N + 1)` replaces the routers (e.g. ground-truth routes)."""
         if refs.valid.shape[0] != 1:
             raise ValueError("generate takes the references of one sample; encode them with `encode`")
         size = self.model.config.resolution
@@ -109,7 +114,11 @@ class AnyStoryPipeline:
             refs.for_cfg() if cfg_on else refs,
             (height // self.sdxl.vae_scale_factor, width // self.sdxl.vae_scale_factor),
             router=router, sampling="argmax", eta=eta, gamma=gamma, cache_reference_kv=cache_reference_kv,
+            subject_attention=subject_attention, reference_attention=reference_attention,
         )
+        if given_routes is not None:  # one sample's routes for every row (images per prompt, CFG branches)
+            rows = num_images_per_prompt * (2 if cfg_on else 1)
+            ctx.given_routes = lambda hw: given_routes(hw).expand(rows, -1, -1)
         recorded: list[tuple[int, int, dict[int, LayerRouting]]] = []
         cond_rows = slice(num_images_per_prompt, None) if cfg_on else slice(None)
 

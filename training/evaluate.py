@@ -24,12 +24,14 @@ from anystory.atomic import write_atomic
 from anystory.components import SDXL_SCHEDULER
 from anystory.export import load_export
 from anystory.model import AnyStoryModel
+from anystory.pipeline import AnyStoryPipeline
 from anystory.typed_config import ConfigError, parse, read_section
 from training.bootstrap import difference_interval, ratio_interval
 from training.conditions import encode_conditions
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
 from training.identity import Appearances, IdentityError, load_catalogue, own_appearances, shard_identities
+from training.sampled import sampled_identity
 from training.text import TextEncoder
 from training.validation import (
     TIMESTEPS,
@@ -66,29 +68,41 @@ def _nest(tree: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def summarize(tally: Tally, seed: int = 0) -> dict[str, Any]:
-    """Every figure with its bootstrap interval over images, per time group; and under
-    `differences`, each variant against the full model on the same images (paired intervals)."""
+    """Every figure with its bootstrap interval over images (per time group where the metric has
+    timesteps); and under `differences`, each variant against the full model on the same images
+    (paired intervals)."""
     bases: dict[str, list[str]] = {}
     for name in tally.pairs:
-        bases.setdefault(name.rpartition("/t_")[0], []).append(name)
+        base, _, t = name.rpartition("/t_")
+        bases.setdefault(base if t.isdigit() else name, []).append(name)
+
+    def figure(members: list[str]) -> dict[str, Any]:
+        return ratio_interval(*(x.numpy() for x in tally.per_sample(members)), seed=seed)
+
     details: dict[str, Any] = {}
     for base, names in sorted(bases.items()):
+        if names == [base]:  # no timesteps: one figure
+            parent, _, leaf = base.rpartition("/")
+            _nest(details, parent)[leaf] = figure(names)
+            continue
         node = _nest(details, base)
         for group, members in _time_groups(names).items():
-            node[group] = ratio_interval(*(x.numpy() for x in tally.per_sample(members)), seed=seed)
+            node[group] = figure(members)
     for base, names in sorted(bases.items()):
         kind, variant, *metric = base.split("/")
-        if variant != "full" or kind not in ("loss", "identity_x0"):
+        if variant != "full" or kind not in ("loss", "identity_x0", "identity_sampled"):
             continue
         for other in COMPARED:
             other_names = [n.replace(f"{kind}/full/", f"{kind}/{other}/", 1) for n in names]
             if not all(n in tally.pairs for n in other_names):
                 continue
-            node = _nest(details, f"differences/{kind}/{'/'.join(metric)}/full_minus_{other}")
-            for group, members in _time_groups(names).items():
-                others = [n.replace(f"{kind}/full/", f"{kind}/{other}/", 1) for n in members]
-                node[group] = difference_interval(*(tuple(x.numpy() for x in tally.per_sample(m))
-                                                    for m in (members, others)), seed=seed)
+            node = _nest(details, f"differences/{kind}/{'/'.join(metric)}")
+            groups = {"all": names} if names == [base] else _time_groups(names)
+            node[f"full_minus_{other}"] = {
+                group: difference_interval(*(tuple(x.numpy() for x in tally.per_sample(m))
+                                             for m in (members, [n.replace(f"{kind}/full/", f"{kind}/{other}/", 1)
+                                                                 for n in members])), seed=seed)
+                for group, members in groups.items()}
     return details
 
 
@@ -103,16 +117,19 @@ def _relative_gain(tally: Tally, timesteps: list[int], variant: str, seed: int) 
 @torch.no_grad()
 def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int],
              appearances: Appearances | None = None, identities: dict[str, list[int | None]] | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             sample_images: int = 0, sample_steps: int = 8, seed: int = 0) -> dict[str, Any]:
     """The metrics of every variant on held-out batches (training.validation.batch_metrics, as the
     training loop's validation computes them), each with a bootstrap 95% interval over images
     (seed `seed`). With the toy world's `appearances` and each sample's identity ids, also the
     identity each subject's region carries in the decoded x0 prediction, and as ceilings in the
-    targets themselves and in their VAE reconstruction."""
+    targets themselves and in their VAE reconstruction; and on the first `sample_images` images
+    sampled with AnyStoryPipeline in `sample_steps` steps (training.sampled)."""
     device = model.unet.device
     text = TextEncoder(components)
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
     tally = Tally()
+    pipe = AnyStoryPipeline(model, components) if sample_images else None
+    sampled = 0
     samples = 0
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -126,9 +143,14 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int],
             # Ceilings: the identity read off the targets, and off what the VAE can give back of them.
             for name, images in (("target", batch["pixels"]),
                                  ("vae_reconstruction", decode_latents(components.vae, cond.latents))):
-                tally.add({f"identity_x0/{name}/{k}/t_0": v for k, v in identity_pairs(images, batch, own, appearances).items()})
+                tally.add({f"identity_ceiling/{name}/{k}": v for k, v in identity_pairs(images, batch, own, appearances).items()})
         tally.add(batch_metrics(model, scheduler, components.vae, cond, refs, batch, timesteps, VARIANTS,
                                 identity=identity, router_baselines=True))
+        if identity is not None and sampled < sample_images:
+            take = min(batch["pixels"].shape[0], sample_images - sampled)
+            part = {k: v[:take] for k, v in batch.items() if isinstance(v, (torch.Tensor, list))}
+            tally.add(sampled_identity(pipe, part, identity.own[:take], appearances, sample_steps))
+            sampled += take
     if not samples:
         raise ValueError("no held-out samples were read")
     details = summarize(tally, seed)
@@ -161,6 +183,9 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
     if ident:
         out["identity_accuracy_multi"] = {v: fig(ident[v]["accuracy_multi"]["all_t"]) for v in HEADLINE_VARIANTS}
         out["blending_rate_multi"] = {v: fig(ident[v]["blending_multi"]["all_t"]) for v in ("full", "router_off")}
+    sampled = details.get("identity_sampled", {}).get("full")
+    if sampled:
+        out["identity_accuracy_sampled_multi"] = fig(sampled["accuracy_multi"])
     return out
 
 
@@ -184,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--clip-model", default=None, help="CLIPModel (path / cached hub id) for CLIP-I / CLIP-T")
     parser.add_argument("--dino-model", default=None, help="DINO ViT (path / cached hub id) for DINO")
-    parser.add_argument("--generate-steps", type=int, default=25)
+    parser.add_argument("--generate-steps", type=int, default=25, help="denoising steps of each generated image")
+    parser.add_argument("--sample-images", type=int, default=0,
+                        help="with --catalogue: identity on this many held-out images sampled from noise")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--params", type=Path, default=None,
                         help="a params.yaml whose train.eval section sets the defaults of the options above")
@@ -192,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.params is not None:  # train.eval: defaults of the options above, checked as all params are
         options = {"timesteps": list[int], "batch_size": int, "max_subjects": int, "max_batches": int | None,
                    "generate_steps": int}
-        schema = make_dataclass("TrainEval", [(key, tp, field(default=None)) for key, tp in options.items()])
+        schema = make_dataclass("TrainEval", [(key, tp, field(default_factory=lambda v=parser.get_default(key): v))
+                                              for key, tp in options.items()])
         try:
             section = read_section(args.params, "train.eval") or {}
             given = parse(schema, section, "train.eval")
@@ -219,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = list(batches)
     if appearances is not None:
         identities = shard_identities(list(args.shards))
-    details = evaluate(model, components, batches, args.timesteps, appearances, identities)
+    details = evaluate(model, components, batches, args.timesteps, appearances, identities,
+                       sample_images=args.sample_images, sample_steps=args.generate_steps)
     if args.clip_model or args.dino_model:
         from training.image_metrics import subject_similarity
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -26,18 +25,7 @@ def export_dir(tmp_path_factory):
     return random_export(get_preset("tiny"), root / "export", root / "tok")
 
 
-@pytest.fixture
-def manifest(tmp_path) -> Path:
-    """The catalogue of the test shards (tests/training/shards.py): plain squares whose colours are the
-    toy world's red, green, blue and yellow (within 30 of each channel), identities 0..3."""
-    path = tmp_path / "manifest.json"
-    path.write_text(json.dumps({"identities": [
-        {"id": i, "shape": "square", "texture": "plain", "colour": c}
-        for i, c in enumerate(("red", "green", "blue", "yellow"))]}))
-    return path
-
-
-def _batches(export_dir, shard_dirs, batch_size):
+def _batches(shard_dirs, batch_size):
     cfg = get_preset("tiny")
     data = ShardDataModule(train_shards=[], val_shards=[str(shard_dirs["val"])], batch_size=batch_size, num_workers=0,
                            sample=SampleConfig(resolution=cfg.resolution, clip_size=cfg.clip_image_size,
@@ -61,28 +49,28 @@ def _tiny_image_models(root):
     return clip_dir, dino_dir
 
 
-def test_headline_and_details_with_intervals(export_dir, shard_dirs, manifest, tmp_path):
+def test_headline_and_details_with_intervals(export_dir, shard_dirs, toy_manifest, tmp_path):
     clip_dir, dino_dir = _tiny_image_models(tmp_path)
     out = tmp_path / "metrics" / "eval.json"
     main(["--export", str(export_dir), "--shards", str(shard_dirs["val"]), "--out", str(out),
-          "--catalogue", str(manifest), "--timesteps", "300", "700", "--batch-size", "2",
+          "--catalogue", str(toy_manifest), "--sample-images", "3", "--timesteps", "300", "700", "--batch-size", "2",
           "--clip-model", str(clip_dir), "--dino-model", str(dino_dir), "--generate-steps", "2", "--device", "cpu"])
     headline = json.loads(out.read_text())
     details = json.loads((tmp_path / "metrics" / "eval_details.json").read_text())
     assert set(headline) == {"samples", "router_miou", "router_miou_t_le_500", "condition_gain", "loss_in_subjects",
-                             "identity_accuracy_multi", "blending_rate_multi"}
+                             "identity_accuracy_multi", "blending_rate_multi", "identity_accuracy_sampled_multi"}
     assert headline["samples"] == details["samples"] == 4
     figures = [headline["router_miou"], headline["router_miou_t_le_500"], headline["condition_gain"],
                *headline["loss_in_subjects"].values(), *headline["identity_accuracy_multi"].values(),
-               *headline["blending_rate_multi"].values()]
-    assert len(figures) == 10
+               *headline["blending_rate_multi"].values(), headline["identity_accuracy_sampled_multi"]]
+    assert len(figures) == 11
     for figure in figures:  # value and "low..high" around it
         low, high = (float(x) for x in figure["ci95"].split(".."))
         assert low - 5e-4 <= figure["value"] <= high + 5e-4
     # The targets themselves are the catalogue's colours: every subject reads as its own.
-    target = details["identity_x0"]["target"]
-    assert target["accuracy"]["all_t"]["value"] == 1.0 and target["blending"]["all_t"]["value"] == 0.0
-    assert target["accuracy"]["all_t"]["n"] == 4 and target["accuracy_multi"]["all_t"]["n"] == 2  # 2 multi images
+    target = details["identity_ceiling"]["target"]
+    assert target["accuracy"]["value"] == 1.0 and target["blending"]["value"] == 0.0
+    assert target["accuracy"]["n"] == 4 and target["accuracy_multi"]["n"] == 2  # 2 multi-subject images
     # Every variant is measured and the switches matter: six different whole-image losses.
     losses = {v: details["loss"][v]["all"]["all_t"]["value"] for v in details["loss"]}
     assert set(losses) == {"full", "router_off", "clip_only", "referencenet_only", "without_subject",
@@ -91,6 +79,9 @@ def test_headline_and_details_with_intervals(export_dir, shard_dirs, manifest, t
     full_minus_off = details["differences"]["loss"]["subjects"]["full_minus_router_off"]["all_t"]
     assert full_minus_off["value"] == pytest.approx(
         details["loss"]["full"]["subjects"]["all_t"]["value"] - details["loss"]["router_off"]["subjects"]["all_t"]["value"])
+    # The first 3 images are sampled (the test shards: 1, 2 and 3 subjects): 2 of them multi-subject.
+    assert details["identity_sampled"]["ground_truth_routes"]["accuracy"]["n"] == 3
+    assert details["identity_sampled"]["ground_truth_routes"]["accuracy_multi"]["n"] == 2
     metrics = details["image_metrics"]
     assert metrics["samples"] == 4 and metrics["clip_t"] is not None and metrics["missing"] is not None
     for key in ("clip_i", "dino"):  # cosine similarities of generated subjects: defined, so in [-1, 1]
@@ -118,7 +109,7 @@ def test_router_miou_of_a_router_that_routes_everything_to_the_first_subject(exp
                 for layer in (proc.router.coarse_latent, proc.router.refined_latent):
                     layer.weight.zero_()
                     layer.bias.zero_()
-    _, batches = _batches(export_dir, shard_dirs, 2)
+    _, batches = _batches(shard_dirs, 2)
     halves, empty = 0, 0
     for batch in batches:
         masks = torch.zeros_like(batch["masks"])
@@ -146,21 +137,21 @@ def test_router_miou_of_a_router_that_routes_everything_to_the_first_subject(exp
     assert miou["all_background"]["all_t"]["value"] == 0.0
 
 
-def test_the_training_loop_logs_what_the_evaluation_reports(export_dir, shard_dirs, manifest, tmp_path):
+def test_the_training_loop_logs_what_the_evaluation_reports(export_dir, shard_dirs, toy_manifest, tmp_path):
     """Same checkpoint, same held-out data, other batch sizes (2 in the loop, 4 in the evaluation): the
     figures agree, since both run training.validation.batch_metrics with noise seeded per sample."""
     module = Stage2Module(preset="tiny", base_dir=str(export_dir / "base"), val_timesteps=[300, 700],
                           tokenizer_dir=str(tmp_path / "tok"))
     module.configure_model()
     load_adapter_weights(module.model, export_dir / "anystory.safetensors")
-    data, _ = _batches(export_dir, shard_dirs, 2)
+    data, _ = _batches(shard_dirs, 2)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     logged = trainer.validate(module, datamodule=data, verbose=False)[0]
 
     model, components = load_export(export_dir, device="cpu")
-    _, batches = _batches(export_dir, shard_dirs, 4)
-    appearances = Appearances.of(load_catalogue(manifest))
+    _, batches = _batches(shard_dirs, 4)
+    appearances = Appearances.of(load_catalogue(toy_manifest))
     details = evaluate(model, components, batches, [300, 700], appearances, shard_identities([str(shard_dirs["val"])]))
     reported = {
         "val/loss": details["loss"]["full"]["all"]["all_t"],
