@@ -87,9 +87,17 @@ def _check_mappings(cls: type, data: dict, path: str) -> None:
         _check_mappings(inner, value, f"{path}.{name}")
 
 
+def _allows_none(tp: Any) -> bool:
+    return tp is Any or (typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp))
+
+
 def _run_checks(obj: Any, path: str) -> None:
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if value is None and not _allows_none(hints[f.name]):  # jsonargparse lets a null through
+            tp = hints[f.name]
+            raise ConfigError(f"{path}.{f.name}: expected {tp.__name__ if isinstance(tp, type) else tp}, got None")
         if dataclasses.is_dataclass(value):
             _run_checks(value, f"{path}.{f.name}")
         elif isinstance(value, list):

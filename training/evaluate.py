@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.params is not None:  # train.eval: defaults of the options above, checked as all params are
         options = {"timesteps": list[int], "batch_size": int, "max_subjects": int, "max_batches": int | None,
                    "generate_steps": int}
-        schema = make_dataclass("TrainEval", [(key, tp, field(default=None)) for key, tp in options.items()])
+        schema = make_dataclass("TrainEval", [(key, tp, field(default_factory=lambda v=parser.get_default(key): v))
+                                              for key, tp in options.items()])
         try:
             section = read_section(args.params, "train.eval") or {}
             given = parse(schema, section, "train.eval")

@@ -23,6 +23,9 @@ def test_repo_params_load_with_sources_parsed():
         (lambda d: d["filter"].update(dedupe="maybe"), "data.filter.dedupe: expected bool, got 'maybe'"),
         (lambda d: d["decode"].update(max_short_side="x"), "data.decode.max_short_side: expected int, got 'x'"),
         (lambda d: d.update(filter=3), "data.filter: expected a mapping, got int"),
+        (lambda d: d["shards"].update(images_per_shard=None), "data.shards.images_per_shard: expected int, got None"),
+        (lambda d: d["filter"].update(score_filters=[{"name": "a", "scorer": "m:C", "min_score": None}]),
+         "data.filter.score_filters.min_score: required key is missing"),  # jsonargparse names no list index
         (lambda d: d["annotate"].update(mode="magic"), "data.annotate.mode: 'magic' is not one of"),
         (lambda d: d["sources"]["unpaired"][0].update(imagez="x"), "data.sources.unpaired[0].imagez: unknown key"),
         (lambda d: d["sources"]["unpaired"][0].pop("images"), "data.sources.unpaired[0].images: required key"),
