@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 from transformers import AutoModel, CLIPModel, CLIPTokenizer
 
 from anystory.model import AnyStoryModel
 from anystory.pipeline import AnyStoryPipeline
 from anystory.preprocess import CLIP_MEAN, CLIP_STD, encode_subjects
+from training.sampled import routed_masks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,14 +28,10 @@ def _pixels(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
 
 
 def _subject_boxes(routing: dict, num_subjects: int, size: tuple[int, int]) -> list[tuple[int, int, int, int] | None]:
-    finest = max(m.hw[0] * m.hw[1] for m in routing.values())
-    probs = torch.stack([m.probs[0] for m in routing.values() if m.hw[0] * m.hw[1] == finest]).mean(0)
-    h, w = next(m.hw for m in routing.values() if m.hw[0] * m.hw[1] == finest)
-    probs = F.interpolate(rearrange(probs, "(h w) r -> 1 r h w", h=h, w=w), size=size, mode="bilinear")[0]
-    route = probs.argmax(0)
+    """Each subject's box (left, top, right, bottom) around where the routers put it; None if nowhere."""
     boxes = []
-    for i in range(num_subjects):
-        ys, xs = torch.nonzero(route == i, as_tuple=True)
+    for mask in routed_masks(routing, num_subjects, size):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
         boxes.append(None if len(ys) == 0 else (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
     return boxes
 

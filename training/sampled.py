@@ -36,7 +36,7 @@ def routed_masks(routing: dict, num_subjects: int, size: tuple[int, int]) -> tor
     layers = [m for m in routing.values() if m.hw[0] * m.hw[1] == finest]
     h, w = layers[0].hw
     probs = torch.stack([m.probs[0].float() for m in layers]).mean(0)  # (h * w, N + 1)
-    route = F.interpolate(rearrange(probs, "(h w) r -> 1 r h w", h=h, w=w), size=size, mode="nearest")[0].argmax(0)
+    route = F.interpolate(rearrange(probs, "(h w) r -> 1 r h w", h=h, w=w), size=size, mode="bilinear")[0].argmax(0)
     return torch.stack([(route == i).float() for i in range(num_subjects)])
 
 
