@@ -153,6 +153,12 @@ def _one_line(message: str, cls: type, path: str) -> str:
             problem = f"not a mapping, cannot set {path}{key[len(_ROOT):]}.{found[1]}"  # an override went too deep
         elif found := re.match(r"Expected a (.+?)\. Got value: (.*)", line):
             problem = f"expected {_type_name(found[1])}, got {found[2]!r}"
+        elif found := re.match(r"Not of type (\w+): (\S+) does not conform to restriction (.*)", line):
+            problem = f"expected {found[1]} ({found[3]}), got {found[2]!r}"  # jsonargparse.typing's PositiveInt etc.
+        elif found := re.match(r"Not of type (\w+): does not conform to restriction (.*)", line):
+            expected = expected or f"{found[1]} ({found[2]})"  # the same inside an `X | None`
+        elif found := re.match(r"Not of type (\w+): (.*)", line):
+            problem = f"expected {found[1]} ({found[2]})"
         elif found := re.match(r"Expected a (.+)$", line):
             if "NoneType" not in found[1] and expected is None:
                 expected = _type_name(found[1])  # the non-null member of an `X | None`

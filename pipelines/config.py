@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
+
 from anystory.typed_config import ConfigError, parse, read_section
 from pipelines.sources import SOURCE_TYPES
 
@@ -55,12 +57,8 @@ class DecodeConfig:
     max_side: int = 16384
     max_pixels: int = 100_000_000
     max_video_frames: int = 20_000
-    max_short_side: int | None = 1024  # output size: short side at most this, never upscaled; null keeps it
+    max_short_side: PositiveInt | None = 1024  # output size: short side at most this, never upscaled; null keeps it
     center_crop: bool = False  # then the centre square (img2dataset's center_crop)
-
-    def check(self, path: str) -> None:
-        if self.max_short_side is not None:
-            _positive(path, max_short_side=self.max_short_side)
 
 
 @dataclass(frozen=True)
@@ -90,17 +88,17 @@ class AutoAnnotateConfig:
     gdino_text_encoder: str  # local dir with the BERT model + tokenizer; overrides the config's text_encoder_type
     sam_model_type: Literal["vit_b", "vit_l", "vit_h", "tiny"]  # tiny: built from `tiny_sam`
     sam_checkpoint: str
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
+    box_threshold: ClosedUnitInterval = 0.3
+    text_threshold: ClosedUnitInterval = 0.25
     device: str = "cpu"
-    max_boxes_per_label: int = 3
-    max_labels: int = 8  # noun phrases per prompt
-    nms_iou: float = 0.7  # same-label duplicates above this IoU are dropped before SAM
-    mask_box_margin: float | None = 0.1  # mask pixels beyond the box grown by this fraction are cleared
-    min_image_side: int = 16
-    gdino_image_size: int = 800  # shorter side, as in GroundingDINO's own inference
-    gdino_max_image_size: int = 1333
-    gdino_batch_size: int = 8
+    max_boxes_per_label: PositiveInt = 3
+    max_labels: PositiveInt = 8  # noun phrases per prompt
+    nms_iou: ClosedUnitInterval = 0.7  # same-label duplicates above this IoU are dropped before SAM
+    mask_box_margin: NonNegativeFloat | None = 0.1  # mask pixels beyond the box grown by this fraction are cleared
+    min_image_side: PositiveInt = 16
+    gdino_image_size: PositiveInt = 800  # shorter side, as in GroundingDINO's own inference
+    gdino_max_image_size: PositiveInt = 1333
+    gdino_batch_size: PositiveInt = 8
     tiny_sam: TinySamSizes | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,14 +113,6 @@ class AutoAnnotateConfig:
                 raise ConfigError(f"{path}.{key}: must not be empty")
         if (self.sam_model_type == "tiny") != (self.tiny_sam is not None):
             raise ConfigError(f"{path}.tiny_sam: required for sam_model_type 'tiny' and only for it")
-        for key in ("box_threshold", "text_threshold", "nms_iou"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"{path}.{key}: must be in [0, 1], got {getattr(self, key)!r}")
-        _positive(path, max_boxes_per_label=self.max_boxes_per_label, max_labels=self.max_labels,
-                  min_image_side=self.min_image_side, gdino_image_size=self.gdino_image_size,
-                  gdino_max_image_size=self.gdino_max_image_size, gdino_batch_size=self.gdino_batch_size)
-        if self.mask_box_margin is not None and self.mask_box_margin < 0:
-            raise ConfigError(f"{path}.mask_box_margin: must be >= 0 or null, got {self.mask_box_margin!r}")
         try:
             torch.device(self.device)
         except RuntimeError as err:
@@ -193,8 +183,8 @@ class FilterConfig:
     max_box_aspect: float = 4.0
     max_containment: float = 0.8  # drop a box this much inside a larger one
     max_instance_iou: float = 0.7  # two masks this similar are one instance found twice
-    min_subjects: int = 1
-    max_subjects: int = 4
+    min_subjects: PositiveInt = 1
+    max_subjects: PositiveInt = 4
     min_image_side: int = 64
     max_image_aspect: float = 3.0
     dedupe: bool = True
@@ -204,7 +194,6 @@ class FilterConfig:
     score_filters: list[ScoreFilterConfig] = field(default_factory=list)
 
     def check(self, path: str) -> None:
-        _positive(path, min_subjects=self.min_subjects, max_subjects=self.max_subjects)
         if self.min_subjects > self.max_subjects:
             raise ConfigError(f"{path}.min_subjects: larger than max_subjects")
         if not 0 <= self.min_area_frac <= self.max_area_frac <= 1:
@@ -223,7 +212,7 @@ class RefsConfig:
 
 @dataclass
 class VideoConfig:
-    sample_fps: float = 4.0
+    sample_fps: PositiveFloat = 4.0
     cut_threshold: float = 0.4  # colour-histogram distance between consecutive frames
     iou_weight: float = 0.5  # track link score = w * mask IoU + (1 - w) * appearance
     min_link_score: float = 0.45
@@ -232,25 +221,16 @@ class VideoConfig:
     min_gap_s: float = 0.5
     max_pair_iou: float = 0.9
     min_pair_quality: float = 0.6
-    max_pairs_per_scene: int = 4
-    max_frames_per_scene: int = 32  # kept evenly spread over a scene of any length: linear-time videos
-
-    def check(self, path: str) -> None:
-        if self.sample_fps <= 0:
-            raise ConfigError(f"{path}.sample_fps: must be > 0")
-        _positive(path, max_frames_per_scene=self.max_frames_per_scene,
-                  max_pairs_per_scene=self.max_pairs_per_scene)
+    max_pairs_per_scene: PositiveInt = 4
+    max_frames_per_scene: PositiveInt = 32  # kept evenly spread over a scene of any length: linear-time videos
 
 
 @dataclass
 class ShardsConfig:
-    images_per_shard: int = 32
-    videos_per_shard: int = 4
+    images_per_shard: PositiveInt = 32
+    videos_per_shard: PositiveInt = 4
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = 95
-
-    def check(self, path: str) -> None:
-        _positive(path, images_per_shard=self.images_per_shard, videos_per_shard=self.videos_per_shard)
 
 
 @dataclass
@@ -299,12 +279,6 @@ def parse_source(raw: Any, path: str) -> Any:
     if not re.fullmatch(r"[A-Za-z0-9_]+", cfg.name):
         raise ConfigError(f"{path}.name: {cfg.name!r} must be letters, digits or _ (it starts every key)")
     return cfg
-
-
-def _positive(path: str, **values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"{path}.{name}: must be >= 1")
 
 
 def load_data_config(params_path: str, overrides: Sequence[tuple[str, str]] = ()) -> DataConfig:

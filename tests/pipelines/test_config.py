@@ -18,12 +18,12 @@ def test_repo_params_load_with_sources_parsed():
     [
         (lambda d: d["filter"].update(min_scor=0.2), "data.filter.min_scor: unknown key"),
         (lambda d: d["filter"].update(min_score="high"), "data.filter.min_score: expected float, got 'high'"),
-        (lambda d: d["shards"].update(images_per_shard=2.5), "data.shards.images_per_shard: expected int, got '2.5'"),
-        (lambda d: d["shards"].update(images_per_shard=0), "data.shards.images_per_shard: must be >= 1"),
+        (lambda d: d["shards"].update(jpeg_quality=2.5), "data.shards.jpeg_quality: expected int, got '2.5'"),
+        (lambda d: d["shards"].update(images_per_shard=0), "data.shards.images_per_shard: expected PositiveInt (v>0), got '0'"),
         (lambda d: d["filter"].update(dedupe="maybe"), "data.filter.dedupe: expected bool, got 'maybe'"),
-        (lambda d: d["decode"].update(max_short_side="x"), "data.decode.max_short_side: expected int, got 'x'"),
+        (lambda d: d["decode"].update(max_short_side=0), "data.decode.max_short_side: expected PositiveInt (v>0), got '0'"),
         (lambda d: d.update(filter=3), "data.filter: expected a mapping, got int"),
-        (lambda d: d["shards"].update(images_per_shard=None), "data.shards.images_per_shard: expected int, got None"),
+        (lambda d: d["shards"].update(images_per_shard=None), "data.shards.images_per_shard: expected PositiveInt, got None"),
         (lambda d: d["filter"].update(score_filters=[{"name": "a", "scorer": "m:C", "min_score": None}]),
          "data.filter.score_filters.min_score: required key is missing"),  # jsonargparse names no list index
         (lambda d: d["annotate"].update(mode="magic"), "data.annotate.mode: 'magic' is not one of"),
@@ -88,9 +88,9 @@ def test_gpus_reserved_for_a_cpu_annotator_is_an_error():
         ({**MODEL, "tiny_sam": {}}, "data.annotate.auto.model.tiny_sam: required for sam_model_type 'tiny'"),
         ({**MODEL, "sam_model_type": "tiny", "tiny_sam": {"depth": 2}},
          "data.annotate.auto.model.tiny_sam.depth: unknown key (allowed: decoder_depth,"),
-        ({**MODEL, "box_threshold": 1.5}, "data.annotate.auto.model.box_threshold: must be in [0, 1], got 1.5"),
-        ({**MODEL, "box_threshold": "high"}, "data.annotate.auto.model.box_threshold: expected float, got 'high'"),
-        ({**MODEL, "max_boxes_per_label": 0}, "data.annotate.auto.model.max_boxes_per_label: must be >= 1"),
+        ({**MODEL, "box_threshold": 1.5}, "data.annotate.auto.model.box_threshold: expected ClosedUnitInterval (v>=0 and v<=1), got '1.5'"),
+        ({**MODEL, "box_threshold": "high"}, "data.annotate.auto.model.box_threshold: expected ClosedUnitInterval (could not convert string to float: 'high')"),
+        ({**MODEL, "max_boxes_per_label": 0}, "data.annotate.auto.model.max_boxes_per_label: expected PositiveInt (v>0), got '0'"),
         ({**MODEL, "gdino_checkpoint": ""}, "data.annotate.auto.model.gdino_checkpoint: must not be empty"),
         ({**MODEL, "device": "gpu9"}, "data.annotate.auto.model.device: 'gpu9' is not a torch device"),
     ],
@@ -122,7 +122,7 @@ def test_auto_mode_needs_the_model_and_its_files(tmp_path):
         ([("filter.min_score", "x")], "data.filter.min_score: expected float, got 'x'"),
         ([("filter.nope", "1")], "data.filter.nope: unknown key (allowed: dedupe,"),
         ([("filter.min_score.x", "1")], "data.filter.min_score: not a mapping, cannot set data.filter.min_score.x"),
-        ([("shards.images_per_shard", "0")], "data.shards.images_per_shard: must be >= 1"),
+        ([("shards.images_per_shard", "0")], "data.shards.images_per_shard: expected PositiveInt (v>0), got '0'"),
     ],
 )
 def test_overrides_go_through_the_same_checks(overrides, expected):
