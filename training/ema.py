@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 CHECKPOINT_KEY = "ema_state_dict"
 
@@ -33,6 +34,9 @@ class EMA(L.Callback):
         return {k: p for k, p in pl_module.trainable.items() if p.requires_grad}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds shards of the trained tensors
+            raise ValueError("trainer.callbacks: training.ema.EMA averages whole tensors and does not run under "
+                             "FSDPStrategy (use DDPStrategy, or train without EMA)")
         params = self._trainable(pl_module)
         if self.restored:
             if set(self.restored) != set(params):

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from diffusers import DDPMScheduler
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, load_pretrained
 from anystory.config import AnyStoryConfig
@@ -22,6 +22,7 @@ from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
 from training.conditions import Conditions, encode_conditions
 from training.diffusion import diffusion_loss, diffusion_step
+from training.fsdp import clip_sharded_grad_norm_, prepare_fsdp, shard_stage1
 from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name, lr_schedule
 from training.text import TextEncoder
 
@@ -93,6 +94,9 @@ class AnyStoryModule(L.LightningModule):
         if hp.frozen_dtype != "float32" and self._trainer is not None and "mixed" not in str(self.trainer.precision):
             raise ValueError(f"frozen_dtype={hp.frozen_dtype} needs mixed precision (trainer.precision: bf16-mixed): "
                              "the trained parts stay float32")
+        fsdp = self.trainer.strategy if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) else None
+        if fsdp is not None:
+            prepare_fsdp(fsdp, self.stage)  # before the base is built: minutes for SDXL
         components = self.build_components()
         config = self.model_config()
         with torch.random.fork_rng(devices=[]):
@@ -111,6 +115,9 @@ class AnyStoryModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
             self.model.referencenet.unet.enable_gradient_checkpointing()
+        if fsdp is not None:
+            self.to(fsdp.root_device)  # the frozen parts, replicated: FSDP places only what it wraps
+            shard_stage1(self.model, fsdp.root_device)
 
     def model_config(self) -> AnyStoryConfig:
         """The config the model (and its export) carries: the preset, and where its base comes from."""
@@ -220,6 +227,15 @@ class AnyStoryModule(L.LightningModule):
         # (bf16-mixed, 32-true) the gradients are the true ones and clipping them is exact, as
         # Lightning's own path does for other optimizers. Sharded strategies keep Lightning's path.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP plugin refuses norm clipping (it would need a root FSDP module, which
+            # this partial wrapping has not); the shards' norm is reduced over the ranks instead.
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":  # element-wise: exact on each rank's shards
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+            else:
+                clip_sharded_grad_norm_(params, gradient_clip_val, self.device)
+            return
         if (gradient_clip_val and scaler is None
                 and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
