@@ -21,7 +21,7 @@ from anystory.losses import routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
 from training.conditions import Conditions, encode_conditions
-from training.diffusion import diffusion_loss, diffusion_step
+from training.diffusion import diffusion_step
 from training.fsdp import clip_sharded_grad_norm_, prepare_fsdp, shard_stage1
 from training.optim import build_optimizer, check_optimizer_available, check_optimizer_name, lr_schedule
 from training.text import TextEncoder
@@ -167,8 +167,6 @@ class AnyStoryModule(L.LightningModule):
     def run_model(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditions, refs: ReferenceEncoding,
                   **kwargs: Any):
         return self.model(noisy, timesteps, cond.embeds, cond.added, refs, router=self.stage == 2, **kwargs)
-
-    diffusion_loss = staticmethod(diffusion_loss)  # training.diffusion's, for validation
 
     # ----- training -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from anystory.components import SDXL_SCHEDULER
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
-from training.diffusion import diffusion_step, min_snr_weights, training_noise
+from training.diffusion import diffusion_loss, diffusion_step, min_snr_weights, training_noise
 from training.module import Stage1Module
 from training.optim import OptimizerUnavailable, build_optimizer, lr_schedule
 
@@ -64,7 +64,6 @@ def _alphas_cumprod_by_hand() -> np.ndarray:
 
 
 def test_min_snr_weighting_changes_the_loss_as_defined():
-    module = Stage1Module(snr_gamma=5.0)
     scheduler = DDPMScheduler(**SDXL_SCHEDULER)
     timesteps = torch.tensor([0, 40, 300, 999])
     generator = torch.Generator().manual_seed(0)
@@ -79,10 +78,10 @@ def test_min_snr_weighting_changes_the_loss_as_defined():
     got = min_snr_weights(scheduler, timesteps, 5.0)
     assert got.numpy() == pytest.approx(weights, rel=1e-4)
     assert weights[0] < 0.01 and weights[-1] == 1.0  # t=0 (SNR ~1000) is damped, t=999 (SNR < 5) is not
-    loss = module.diffusion_loss(pred, noise, got)
+    loss = diffusion_loss(pred, noise, got)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-    assert float(module.diffusion_loss(pred, noise)) == pytest.approx(float(per_sample.mean()), rel=1e-5)
-    assert float(loss) < float(module.diffusion_loss(pred, noise))
+    assert float(diffusion_loss(pred, noise)) == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    assert float(loss) < float(diffusion_loss(pred, noise))
 
 
 def test_diffusion_step_noises_at_the_timesteps_it_passes_on():
