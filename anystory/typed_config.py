@@ -13,12 +13,12 @@ import dataclasses
 import re
 import types
 import typing
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
 T = TypeVar("T")
 _ROOT = "root"  # the one argument of the internal parser; error keys are rewritten to the caller's path
@@ -30,8 +30,6 @@ class ConfigError(ValueError):
 
 def parse(cls: type[T], data: Any, path: str, overrides: Sequence[tuple[str, str]] = ()) -> T:
     """`data` as a `cls`, with `overrides` (a dotted key below `path`, and a YAML value) applied on top."""
-    from jsonargparse import ArgumentParser  # imported here: loading it costs ~0.3 s, only when parsing
-
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
     _check_mappings(cls, data, path)
@@ -41,10 +39,8 @@ def parse(cls: type[T], data: Any, path: str, overrides: Sequence[tuple[str, str
         namespace = parser.parse_object({_ROOT: data})
         if overrides:
             namespace = parser.parse_args([f"--{_ROOT}.{key}={value}" for key, value in overrides], namespace)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # jsonargparse's notes on its own API, not the user's mistake
-            obj = getattr(parser.instantiate(namespace), _ROOT)
-    except Exception as err:  # jsonargparse's ArgumentError / ValueError / TypeError: all the input's fault
+        obj = getattr(parser.instantiate(namespace), _ROOT)
+    except (ArgumentError, ValueError, TypeError) as err:  # how jsonargparse reports a value that does not fit
         raise ConfigError(_one_line(str(err), cls, path)) from None
     _run_checks(obj, path)
     return obj
