@@ -27,8 +27,8 @@ import torch
 import yaml
 from machine import describe_machine
 
+from training.cache import preset_sample_config
 from training.data.datamodule import ShardDataModule
-from training.data.sample import SampleConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,8 @@ def make_shards(root: Path, images: int, size: int = 128, per_shard: int = 32) -
 
 def data_module(config: dict[str, Any], shards: list[str], workers: int | None, epoch_batches: int) -> ShardDataModule:
     data = dict(config["data"])
-    sample = SampleConfig(**data.pop("sample", {}))
+    # The image sizes come from the model preset, as in the training CLI.
+    sample = preset_sample_config(data.pop("sample", None) or {}, config["model"]["init_args"].get("preset", "tiny"))
     data.update(train_shards=shards, val_shards=None, batches_per_epoch=epoch_batches)
     if workers is not None:
         data["num_workers"] = workers

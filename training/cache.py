@@ -28,10 +28,23 @@ import yaml
 from safetensors.torch import save as save_tensors
 
 from anystory.atomic import write_atomic
+from anystory.presets import get_preset
+from training.__main__ import PRESET_SIZES
 from training.data.augment import AugmentConfig
-from training.data.cached import (FORMAT, MANIFEST, MEMBER, NULL, EncoderCacheError, cache_shard_path,
-                                  manifest_fingerprint, model_fields, sample_fields, source_fingerprint, stats_of,
-                                  variant_rng)
+from training.data.cached import (
+    FORMAT,
+    MANIFEST,
+    MEMBER,
+    NULL,
+    EncoderCacheError,
+    cache_shard_path,
+    manifest_fingerprint,
+    model_fields,
+    sample_fields,
+    source_fingerprint,
+    stats_of,
+    variant_rng,
+)
 from training.data.datamodule import NoShards, list_shards
 from training.data.sample import DecodeSample, SampleConfig, SampleError
 
@@ -190,6 +203,23 @@ def plan(shards: list[str], out: str, fingerprint: str) -> list[tuple[str, str]]
     return [(tar, cached) for tar, cached in pairs if not is_current(tar, cached, fingerprint)]
 
 
+def preset_sample_config(sample_args: dict[str, Any], preset_name: str) -> SampleConfig:
+    """A config's data.sample with the image sizes of its model preset, as the training CLI derives
+    them (training/__main__.py); a written size that differs is a ValueError naming the key."""
+    preset = get_preset(preset_name)
+    sample_args = dict(sample_args)
+    for key, field in PRESET_SIZES.items():
+        if sample_args.get(key) not in (None, getattr(preset, field)):
+            raise ValueError(f"data.sample.{key}: {sample_args[key]} is not the {field} of model preset "
+                             f"{preset_name!r} ({getattr(preset, field)})")
+        sample_args[key] = getattr(preset, field)
+    augment = sample_args.pop("augment", {})
+    try:
+        return SampleConfig(**sample_args, augment=AugmentConfig(**augment) if augment is not None else None)
+    except TypeError as err:
+        raise ValueError(f"data.sample: {err}") from None
+
+
 def load_spec(args: argparse.Namespace) -> CacheSpec:
     """The training config's sample sizes and augmentation and its model's base; `--base-dir` as the
     run's `--model.init_args.base_dir` override."""
@@ -199,11 +229,10 @@ def load_spec(args: argparse.Namespace) -> CacheSpec:
         init_args = dict((config.get("model") or {}).get("init_args") or {})
     except (OSError, yaml.YAMLError, AttributeError) as err:
         raise EncoderCacheError(f"--config {args.config}: unreadable ({type(err).__name__})") from None
-    augment = sample_args.pop("augment", {})
     try:
-        sample = SampleConfig(**sample_args, augment=AugmentConfig(**augment) if augment is not None else None)
-    except TypeError as err:
-        raise EncoderCacheError(f"--config {args.config}: data.sample: {err}") from None
+        sample = preset_sample_config(sample_args, init_args.get("preset", "tiny"))
+    except ValueError as err:
+        raise EncoderCacheError(f"--config {args.config}: {err}") from None
     # Every subject, in stored order, nothing dropped: those choices stay per load.
     sample = replace(sample, max_subjects=args.max_subjects, shuffle_subjects=False, caption_drop=0.0, clip_drop=0.0)
     model = {key: init_args.get(key) for key in ("preset", "weights", "base_dir", "seed", "frozen_dtype",
