@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -53,3 +54,21 @@ def run(args: list[str], cwd: Path, timeout: int = 600, module: str = "training"
     if proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def torchrun(args: list[str], cwd: Path, port: int, timeout: int = 600) -> str:
+    """`python -m training` under torchrun, two processes on this machine; returns the log of both
+    ranks, or fails the test with its tail. A hung rank ends the whole process group."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={port}",
+           "-m", "training", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # not only torchrun: its ranks too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed:\n{log[-5000:]}")
+    return log

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.training.cli import env, fit_args
+from tests.training.cli import fit_args, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +18,7 @@ def test_torchrun_two_processes(shard_dirs, tmp_path):
     # Stage 2: every router parameter must get a gradient, or DDP fails at its second step.
     args = fit_args(shard_dirs, stage=2, max_steps=3,
                     extra=["-c", str(strategy), "--data.num_workers=0", "--model.init_args.init_from=null"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-port=29531", "-m", "training", *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:  # a hung rank: end the whole process group, not only torchrun
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log[-5000:]
+    log = torchrun(args, tmp_path, port=29531)
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # both ranks joined one process group
     ckpt = torch.load(str(tmp_path / "runs" / "tiny_stage2" / "checkpoints" / "last.ckpt"),
                       map_location="cpu", weights_only=True)

@@ -7,10 +7,6 @@ the weights and the sharded optimizer state."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +17,7 @@ import yaml
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
-from tests.training.cli import CONFIGS, env, fit_args
+from tests.training.cli import CONFIGS, fit_args, torchrun
 from training.export import main as export_main
 from training.module import Stage1Module
 
@@ -71,21 +67,6 @@ class ShardRecord(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
 
-def _torchrun(args: list[str], cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-port=29537",
-           "-m", "training", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:  # a hung rank: end the whole process group, not only torchrun
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log[-5000:]
-    return log
-
-
 def test_fsdp_stage1_on_two_cpu_processes(shard_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths of the run's hyper-parameters (the tokenizer cache), as in the run
     shipped = yaml.safe_load((CONFIGS / "sdxl_stage1_fsdp.yaml").read_text())["trainer"]["strategy"]
@@ -103,7 +84,7 @@ def test_fsdp_stage1_on_two_cpu_processes(shard_dirs, tmp_path, monkeypatch):
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
     extra = ["-c", str(tmp_path / "fsdp.yaml"), "--data.num_workers=0", "--model.init_args.lr=1e-2",
              "--model.init_args.gradient_checkpointing=true"]
-    log = _torchrun(fit_args(shard_dirs, stage=1, max_steps=2, extra=extra), tmp_path)
+    log = torchrun(fit_args(shard_dirs, stage=1, max_steps=2, extra=extra), tmp_path, port=29537)
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log
 
     ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in range(2)]
@@ -135,7 +116,7 @@ def test_fsdp_stage1_on_two_cpu_processes(shard_dirs, tmp_path, monkeypatch):
     assert exported.keys() == initial.keys() and all(torch.equal(exported[k], state[f"model.{k}"]) for k in exported)
 
     # Resume from last: the step and the sharded Adam state continue (a fresh optimizer would count 1).
-    _torchrun(fit_args(shard_dirs, stage=1, max_steps=3, extra=[*extra, "--ckpt_path=last"]), tmp_path)
+    torchrun(fit_args(shard_dirs, stage=1, max_steps=3, extra=[*extra, "--ckpt_path=last"]), tmp_path, port=29537)
     resumed = torch.load(str(ckpt_dir / "last.ckpt"), map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 3
     steps = {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
