@@ -28,20 +28,24 @@ from torch.distributed.fsdp.wrap import wrap
 SHARDED_GRADIENTS = (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP)
 
 
+class FSDPConfigError(ValueError):
+    """A strategy setting this stage's FSDP wrapping does not support; the one-line message names the key."""
+
+
 def prepare_fsdp(strategy: FSDPStrategy, stage: int) -> None:
     """One line naming the key for a configuration this wrapping does not support; then FSDP's
     `use_orig_params` (the optimizer takes the trained parameters themselves, not FSDP's flat ones),
     which the units get from `shard_stage1` and Lightning's optimizer setup reads from the strategy:
     the CLI cannot set it (FSDPStrategy passes it through **kwargs, which jsonargparse does not see)."""
     if stage != 1:
-        raise ValueError("trainer.strategy: FSDPStrategy is offered for stage 1 (2.6 B trained parameters); stage 2 "
-                         "trains the routers only: use DDPStrategy")
+        raise FSDPConfigError("trainer.strategy: FSDPStrategy is offered for stage 1 (2.6 B trained parameters); stage 2 "
+                              "trains the routers only: use DDPStrategy")
     if strategy.sharding_strategy not in SHARDED_GRADIENTS:
-        raise ValueError(f"trainer.strategy.init_args.sharding_strategy: {strategy.sharding_strategy.name} is not "
-                         f"supported here (one of {', '.join(s.name for s in SHARDED_GRADIENTS)})")
+        raise FSDPConfigError(f"trainer.strategy.init_args.sharding_strategy: {strategy.sharding_strategy.name} is not "
+                              f"supported here (one of {', '.join(s.name for s in SHARDED_GRADIENTS)})")
     if strategy._state_dict_type != "full":  # no public getter; a sharded checkpoint is a folder of shards
-        raise ValueError("trainer.strategy.init_args.state_dict_type must be full: checkpoints hold AnyStory's "
-                         "tensors whole, in one file that training.export reads")
+        raise FSDPConfigError("trainer.strategy.init_args.state_dict_type must be full: checkpoints hold AnyStory's "
+                              "tensors whole, in one file that training.export reads")
     strategy.kwargs["use_orig_params"] = True
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from tests.training.cli import CONFIGS, fit_args, torchrun
 from training.export import main as export_main
+from training.fsdp import FSDPConfigError, prepare_fsdp
 from training.module import Stage1Module
 
 pytestmark = pytest.mark.slow
@@ -122,3 +123,15 @@ def test_fsdp_stage1_on_two_cpu_processes(shard_dirs, tmp_path, monkeypatch):
     steps = {float(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
     assert steps == {3.0}
     assert any(not torch.equal(resumed["state_dict"][k], v) for k, v in state.items())
+
+
+def test_unsupported_fsdp_settings_are_one_line_naming_the_key():
+    for stage, kwargs, key in ((2, {}, "trainer.strategy:"),
+                               (1, {"state_dict_type": "sharded"}, "trainer.strategy.init_args.state_dict_type"),
+                               (1, {"sharding_strategy": "NO_SHARD"}, "trainer.strategy.init_args.sharding_strategy")):
+        with pytest.raises(FSDPConfigError) as err:
+            prepare_fsdp(FSDPStrategy(**kwargs), stage)
+        assert "\n" not in str(err.value) and str(err.value).startswith(key)
+    strategy = FSDPStrategy(sharding_strategy="SHARD_GRAD_OP")
+    prepare_fsdp(strategy, 1)
+    assert strategy.kwargs["use_orig_params"] is True  # what Lightning's optimizer setup reads
