@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anystory.presets import get_preset
+from training.data.cached import EncoderCacheError
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
@@ -119,7 +120,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         )
     except UnreadableShards as err:
         message = UnreadableShards.one_line(err)
-    except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch) as err:
+    except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch, EncoderCacheError) as err:
         message = str(err)
     print(f"python -m training: error: {message}", file=sys.stderr)
     raise SystemExit(2)
