@@ -110,8 +110,12 @@ class CacheWorker:
         """(key, caption, variants) per sample -> its cache tensors; one encoder call per chunk."""
         rows = [row for _, _, variants in chunk for row in variants]
         d = self.device
-        pixels = torch.stack([row["pixels"] for row in rows]).to(d, self.vae.dtype)
-        params = self.vae.encode(pixels).latent_dist.parameters
+        params: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for size in {row["pixels"].shape for row in rows}:  # one VAE call per target size (bucket)
+            index = [i for i, row in enumerate(rows) if row["pixels"].shape == size]
+            pixels = torch.stack([rows[i]["pixels"] for i in index]).to(d, self.vae.dtype)
+            for i, moments in zip(index, self.vae.encode(pixels).latent_dist.parameters, strict=True):
+                params[i] = moments
         valid = torch.cat([row["valid"] for row in rows])  # the decode keeps >= 1 subject per sample
         refs = torch.cat([row["ref_pixels"] for row in rows])[valid][None].to(d)
         ref_masks = torch.cat([row["ref_masks"] for row in rows])[valid][None].to(d)

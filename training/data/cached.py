@@ -33,7 +33,7 @@ MANIFEST = "cache.json"
 NULL = "null.safetensors"
 MEMBER = "enc.safetensors"
 # SampleConfig fields that decide what the encoders saw; they must match between cache and run.
-SAMPLE_KEYS = ("resolution", "clip_size", "ref_size", "random_crop", "augment")
+SAMPLE_KEYS = ("resolution", "clip_size", "ref_size", "random_crop", "augment", "buckets", "bucket_multiple")
 # Model hyper-parameters that decide the frozen encoders.
 MODEL_KEYS = ("preset", "weights", "base_dir", "seed", "frozen_dtype")
 
@@ -184,7 +184,7 @@ class DecodeCached:
         ref_latents = null["ref_latents"].expand(s, *null["ref_latents"].shape).clone()
         clip_tokens = null["clip_tokens"].expand(s, *null["clip_tokens"].shape).clone()
         latent_masks = torch.zeros(s, *tensors[f"v{v}.ref_latent_masks"].shape[1:])
-        masks = torch.zeros(s, cfg.resolution, cfg.resolution)
+        masks = torch.zeros(s, *tensors[f"v{v}.masks"].shape[1:])  # the square, or the sample's bucket
         valid = torch.zeros(s, dtype=torch.bool)
         for slot, i in enumerate(order):
             ref_latents[slot] = tensors[f"v{v}.ref_latents"][i]

@@ -174,7 +174,8 @@ class SeededShuffle:
 
 @dataclass
 class DecodeAndBatch:
-    """Pipeline stage: raw samples -> collated batches with a `rejected` count per reason."""
+    """Pipeline stage: raw samples -> collated batches with a `rejected` count per reason. Rows are
+    batched by target size (their aspect-ratio bucket, or the one square): a batch holds one size."""
 
     decode: DecodeSample | DecodeCached
     batch_size: int
@@ -187,19 +188,22 @@ class DecodeAndBatch:
         info = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{self.seed}-{info}-{self.epoch}")
         self.epoch += 1
-        pending: list[dict[str, Any]] = []
+        pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # target size -> rows
         for raw in samples:
             sample_rng = rng if self.train else random.Random(zlib.crc32(raw.get("__key__", "").encode()))
             try:
-                pending.append(self.decode(raw, sample_rng, train=self.train))
+                row = self.decode(raw, sample_rng, train=self.train)
             except SampleError as err:
                 self.counter.counts[str(err)] += 1
                 continue
-            if len(pending) == self.batch_size:
-                yield {**collate(pending), "rejected": self.counter.take()}
-                pending = []
-        if pending and not self.train:
-            yield {**collate(pending), "rejected": self.counter.take()}
+            size = tuple(row["masks"].shape[-2:])
+            rows = pending.setdefault(size, [])
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield {**collate(pending.pop(size)), "rejected": self.counter.take()}
+        if not self.train:
+            for rows in pending.values():
+                yield {**collate(rows), "rejected": self.counter.take()}
 
 
 class ShardDataModule(L.LightningDataModule):

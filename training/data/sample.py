@@ -1,11 +1,13 @@
 """One shard sample (the contract of DESIGN.md) -> training tensors: the target resized and cropped
-with its SDXL size/crop conditioning, instance masks that follow the same crop, and per subject an
-augmented, background-removed reference for CLIP and for the ReferenceNet."""
+(to a square, or to its aspect-ratio bucket) with its SDXL size/crop conditioning, instance masks
+that follow the same crop, and per subject an augmented, background-removed reference for CLIP and
+for the ReferenceNet."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,33 @@ from PIL import Image
 from anystory.preprocess import reference_tensors
 from pipelines.shards.contract import JSON, ContractError, decode_subjects, target_member
 from training.data.augment import AugmentConfig, augment_reference, pad_to_square
+
+# SDXL's aspect-ratio buckets (height, width), about 1024^2 pixels each, sides multiples of 64
+# (SDXL report, appendix: the multi-aspect training list).
+SDXL_BUCKETS: tuple[tuple[int, int], ...] = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1344, 704), (1408, 704), (1472, 704),
+    (1536, 640), (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512),
+    (2048, 512),
+)
+
+
+def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """SDXL's buckets scaled from 1024 to `resolution`, sides rounded to `multiple` (at least one),
+    without duplicates, by aspect ratio."""
+    scale = resolution / 1024
+    sizes = {tuple(max(multiple, round(side * scale / multiple) * multiple) for side in bucket)
+             for bucket in SDXL_BUCKETS}
+    return sorted(sizes, key=lambda hw: (hw[0] / hw[1], hw[0]))
+
+
+def pick_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (in log ratio: 2:1 is as far from 1:1 as
+    1:2); the smaller crop wins a tie."""
+    ratio = math.log(height / width)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - ratio), hw[0] * hw[1]))
 
 
 class SampleError(ValueError):
@@ -34,6 +63,11 @@ class SampleConfig:
     clip_drop: float = 0.1  # CLIP subject condition replaced by the null tokens
     caption_drop: float = 0.05  # empty caption
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    # Aspect-ratio buckets: each target goes to the SDXL bucket (scaled to `resolution`) nearest its
+    # aspect ratio instead of a square; a batch holds one bucket. `bucket_multiple`: what every side
+    # must divide by, the VAE's factor x the UNet's downsampling (SDXL: 64; tiny preset: 16).
+    buckets: bool = False
+    bucket_multiple: int = 64
 
 
 def _image(data: bytes, mode: str, name: str) -> np.ndarray:
@@ -45,12 +79,12 @@ def _image(data: bytes, mode: str, name: str) -> np.ndarray:
 
 
 def size_conditioning(meta: dict[str, Any], h: int, w: int, top: int, left: int, scale: float,
-                      resolution: int) -> list[float]:
+                      target: tuple[int, int]) -> list[float]:
     """SDXL's time ids: the input's original size (before the pipeline resized it), the crop's top-left
     in the image as resized for training (the pipeline's centre crop, scaled, plus ours), target size."""
     return [meta.get("original_height", h), meta.get("original_width", w),
             top + round(meta.get("crop_top", 0) * scale), left + round(meta.get("crop_left", 0) * scale),
-            resolution, resolution]
+            target[0], target[1]]
 
 
 class DecodeSample:
@@ -58,6 +92,7 @@ class DecodeSample:
 
     def __init__(self, config: SampleConfig) -> None:
         self.config = config
+        self.buckets = bucket_sizes(config.resolution, config.bucket_multiple) if config.buckets else None
 
     def __call__(self, sample: dict[str, Any], rng: random.Random, train: bool = True) -> dict[str, Any]:
         cfg = self.config
@@ -77,18 +112,19 @@ class DecodeSample:
         subjects = subjects[: cfg.max_subjects]
 
         h, w = target.shape[:2]
-        scale = cfg.resolution / min(h, w)
-        nh, nw = max(cfg.resolution, round(h * scale)), max(cfg.resolution, round(w * scale))
-        top = rng.randint(0, nh - cfg.resolution) if train and cfg.random_crop else (nh - cfg.resolution) // 2
-        left = rng.randint(0, nw - cfg.resolution) if train and cfg.random_crop else (nw - cfg.resolution) // 2
-        box = (left, top, left + cfg.resolution, top + cfg.resolution)
+        th, tw = pick_bucket(h, w, self.buckets) if self.buckets else (cfg.resolution, cfg.resolution)
+        scale = max(th / h, tw / w)  # cover the target size, then crop the rest
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        top = rng.randint(0, nh - th) if train and cfg.random_crop else (nh - th) // 2
+        left = rng.randint(0, nw - tw) if train and cfg.random_crop else (nw - tw) // 2
+        box = (left, top, left + tw, top + th)
 
         def fit(img: Image.Image, resample: int) -> np.ndarray:
             return np.asarray(img.resize((nw, nh), resample).crop(box))
 
         pixels = fit(Image.fromarray(target), Image.BICUBIC)
         s = cfg.max_subjects
-        masks = np.zeros((s, cfg.resolution, cfg.resolution), dtype=np.float32)
+        masks = np.zeros((s, th, tw), dtype=np.float32)
         clip = torch.zeros(s, 3, cfg.clip_size, cfg.clip_size)
         refs = torch.zeros(s, 3, cfg.ref_size, cfg.ref_size)
         ref_masks = torch.zeros(s, 1, cfg.ref_size, cfg.ref_size)
@@ -113,7 +149,7 @@ class DecodeSample:
             "key": sample.get("__key__", ""),
             "pixels": torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
             "caption": "" if drop_caption else caption,
-            "time_ids": torch.tensor(size_conditioning(meta, h, w, top, left, scale, cfg.resolution),
+            "time_ids": torch.tensor(size_conditioning(meta, h, w, top, left, scale, (th, tw)),
                                      dtype=torch.float32),
             "masks": torch.from_numpy(masks),
             "clip_pixels": clip,
