@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from anystory.presets import get_preset
 from training.data.cached import EncoderCacheError
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
+from training.fsdp import FSDPConfigError
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
 from training.optim import OptimizerUnavailable
@@ -120,7 +121,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         )
     except UnreadableShards as err:
         message = UnreadableShards.one_line(err)
-    except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch, EncoderCacheError) as err:
+    except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch, EncoderCacheError,
+            FSDPConfigError) as err:
         message = str(err)
     print(f"python -m training: error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -11,13 +11,13 @@ import yaml
 from tests.training.cli import CONFIGS, REPO, env
 
 
-@pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2", "sdxl_stage1", "sdxl_stage2"])
+@pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2", "sdxl_stage1", "sdxl_stage2", "sdxl_stage1_fsdp"])
 def test_config_parses(name):
     proc = subprocess.run([sys.executable, "-m", "training", "fit", "-c", str(CONFIGS / f"{name}.yaml"),
                            "--print_config"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved = yaml.safe_load(proc.stdout)
-    stage = 1 if name.endswith("1") else 2
+    stage = 1 if "stage1" in name else 2
     assert resolved["model"]["class_path"] == f"training.module.Stage{stage}Module"
     assert resolved["data"]["sample"]["max_subjects"] == (1 if stage == 1 else 4)
 

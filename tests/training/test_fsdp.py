@@ -7,6 +7,8 @@ the weights and the sharded optimizer state."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +19,7 @@ import yaml
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file
 
-from tests.training.cli import CONFIGS, fit_args, torchrun
+from tests.training.cli import CONFIGS, env, fit_args, torchrun
 from training.export import main as export_main
 from training.fsdp import FSDPConfigError, prepare_fsdp
 from training.module import Stage1Module
@@ -135,3 +137,15 @@ def test_unsupported_fsdp_settings_are_one_line_naming_the_key():
     strategy = FSDPStrategy(sharding_strategy="SHARD_GRAD_OP")
     prepare_fsdp(strategy, 1)
     assert strategy.kwargs["use_orig_params"] is True  # what Lightning's optimizer setup reads
+
+
+def test_fsdp_for_stage2_from_the_cli_is_one_line(shard_dirs, tmp_path):
+    """The CLI user's view of the refusal: exit 2, one line naming the key, no traceback."""
+    strategy = "{class_path: tests.training.test_fsdp.CPUFSDPStrategy}"
+    args = fit_args(shard_dirs, stage=2, max_steps=1, extra=[f"--trainer.strategy={strategy}", "--trainer.logger=false",
+                                                          "--trainer.callbacks=[]"])
+    proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m training: error: trainer.strategy: FSDPStrategy")
+    assert "Traceback" not in proc.stderr
