@@ -1,6 +1,6 @@
 """Training step rate with and without the encoder cache (training/cache.py), tiny preset, CPU.
 
-1. Steps on in-memory batches: `Stage1Module.training_step` + backward + AdamW on batches the loader
+1. Steps on in-memory batches: the config's stage (`training_step` + backward + AdamW) on batches the loader
    produced beforehand. Without the cache the step runs the VAE (target and references), both text
    encoders and the CLIP image encoder; with it, none of them. The two kinds alternate in `--rounds`
    rounds (the order swapped each round) and the medians are printed, so that a load that changes
@@ -17,6 +17,7 @@ weights, the same the timed module uses. Without `--shards` a toy world is gener
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import tempfile
 import time
@@ -30,21 +31,24 @@ from loader import data_module, make_shards
 from machine import describe_machine
 
 from training.cache import main as cache_main
-from training.module import Stage1Module
+from training.module import AnyStoryModule
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def step_module(config: dict[str, Any]) -> tuple[Stage1Module, torch.optim.Optimizer]:
+def step_module(config: dict[str, Any]) -> tuple[AnyStoryModule, torch.optim.Optimizer]:
+    """The config's stage module with random weights (the cache is made with the same) and no lr
+    schedule (there is no Trainer here)."""
+    module_path, name = config["model"]["class_path"].rsplit(".", 1)
     args = dict(config["model"]["init_args"])
-    # Random weights (the cache is made with the same) and no lr schedule: there is no Trainer here.
-    module = Stage1Module(**{**args, "base_dir": None, "init_from": None, "lr_decay": "constant"})
+    module = getattr(importlib.import_module(module_path), name)(
+        **{**args, "base_dir": None, "init_from": None, "lr_decay": "constant"})
     module.configure_model()
     module.train()
     return module, module.configure_optimizers()["optimizer"]
 
 
-def step(module: Stage1Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], i: int) -> int:
+def step(module: AnyStoryModule, optimizer: torch.optim.Optimizer, batch: dict[str, Any], i: int) -> int:
     batch = module.on_before_batch_transfer(batch, 0)
     loss = module.training_step(batch, i)
     optimizer.zero_grad(set_to_none=True)
@@ -53,7 +57,7 @@ def step(module: Stage1Module, optimizer: torch.optim.Optimizer, batch: dict[str
     return len(batch["caption"])
 
 
-def rate_in_memory(module: Stage1Module, optimizer: torch.optim.Optimizer, batches: list[dict], steps: int) -> float:
+def rate_in_memory(module: AnyStoryModule, optimizer: torch.optim.Optimizer, batches: list[dict], steps: int) -> float:
     """Samples/s over `steps` steps on held batches (cycled)."""
     samples, t0 = 0, time.perf_counter()
     for i in range(steps):
@@ -117,7 +121,7 @@ def main() -> None:
           f"resolution {data.sample.resolution}, max_subjects {data.sample.max_subjects}")
     print(f"cache build: {build_s:.1f} s ({args.variants} variants per sample, in-process, model load included)")
     off, on = statistics.median(rates["without"]), statistics.median(rates["with"])
-    print(f"stage-1 step (in-memory batches, median of {args.rounds} rounds x {args.steps} steps): "
+    print(f"stage-{module.stage} step (in-memory batches, median of {args.rounds} rounds x {args.steps} steps): "
           f"without cache {off:.1f} samples/s, with cache {on:.1f} samples/s")
     print(f"step rate with / without cache: {statistics.median(ratios):.2f}x (median of the rounds' ratios; "
           f"rounds {', '.join(f'{x:.2f}' for x in ratios)})")
