@@ -16,7 +16,6 @@ weights, the same the timed module uses. Without `--shards` a toy world is gener
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import statistics
 import tempfile
@@ -26,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from loader import data_module, make_shards
+from loader import data_module, data_parser, make_shards, training_config
 from machine import describe_machine
 
 from training.cache import main as cache_main
 from training.module import AnyStoryModule
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def step_module(config: dict[str, Any]) -> tuple[AnyStoryModule, torch.optim.Optimizer]:
@@ -78,20 +74,13 @@ def rate_of_loader(loader: Any, batches: int, warmup: int = 2) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", nargs="*", help="shard folders (default: a generated toy world)")
-    ap.add_argument("--images", type=int, default=96, help="toy-world images when --shards is not given")
-    ap.add_argument("--config", default=str(REPO / "training/configs/tiny_stage1.yaml"))
+    ap = data_parser(__doc__, images=96)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per kind and round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are printed)")
     ap.add_argument("--batches", type=int, default=30, help="timed loader batches")
     ap.add_argument("--variants", type=int, default=4, help="cached augmentation draws per sample")
-    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = training_config(args)
     warnings.simplefilter("ignore")  # `self.log` outside a Trainer warns on every call
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
         shards = args.shards or make_shards(Path(tmp), args.images)

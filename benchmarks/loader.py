@@ -97,22 +97,34 @@ def time_steps(config: dict[str, Any], batches: list[dict], warmup: int, steps: 
     return samples / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def data_parser(doc: str, images: int) -> argparse.ArgumentParser:
+    """The options of the data benchmarks (this one, cache.py): shards or a toy world, the training
+    config, loader workers, torch threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", nargs="*", help="shard folders (default: a generated toy world)")
-    ap.add_argument("--images", type=int, default=256, help="toy-world images when --shards is not given")
+    ap.add_argument("--images", type=int, default=images, help="toy-world images when --shards is not given")
     ap.add_argument("--config", default=str(REPO / "training/configs/tiny_stage1.yaml"))
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process")
+    return ap
+
+
+def training_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config `--config` names; sets `--threads` first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return yaml.safe_load(Path(args.config).read_text())
+
+
+def main() -> None:
+    ap = data_parser(__doc__, images=256)
     ap.add_argument("--batches", type=int, default=60, help="timed loader batches")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=4, help="untimed loader batches (>= 1); they feed the steps")
-    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     args = ap.parse_args()
     if args.warmup < 1:
         ap.error("--warmup must be at least 1: the timed steps run on the warm-up batches")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = training_config(args)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         shards = args.shards or make_shards(Path(tmp), args.images)
         module = data_module(config, shards, args.workers, epoch_batches=args.warmup + args.batches)
