@@ -286,6 +286,9 @@ def run(spec: CacheSpec, out: str, jobs: list[tuple[str, str]], args: argparse.N
     started = not ray.is_initialized()
     init_ray(args.address or os.environ.get("RAY_ADDRESS") or None, None)
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if args.num_gpus > gpus:  # the actors would wait for them forever
+            raise EncoderCacheError(f"--num-gpus {args.num_gpus}: the Ray cluster has {gpus:g} GPUs")
         actor = ray.remote(num_cpus=1, num_gpus=args.num_gpus)(CacheWorker)
         actors = [actor.remote(spec, args.num_gpus > 0) for _ in range(min(args.concurrency, max(1, len(jobs))))]
         write_atomic(os.path.join(out, NULL), save_tensors(ray.get(actors[0].null_entries.remote())))
@@ -312,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({spec.variants} variants, {args.runner})", flush=True)
     if not jobs and os.path.exists(os.path.join(args.out, NULL)):
         return 0
-    for stats in run(spec, args.out, jobs, args):
+    try:
+        results = run(spec, args.out, jobs, args)
+    except EncoderCacheError as err:
+        print(f"python -m training.cache: error: {err}", file=sys.stderr)
+        return 2
+    for stats in results:
         rejected = sum(stats["rejected"].values())
         print(f"  {stats['shard']}: {stats['samples']} samples" + (f", {rejected} rejected" if rejected else ""),
               flush=True)
