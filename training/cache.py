@@ -45,7 +45,7 @@ from training.data.cached import (
     stats_of,
     variant_rng,
 )
-from training.data.datamodule import NoShards, list_shards
+from training.data.datamodule import ErrorNames, NoShards, list_shards
 from training.data.sample import DecodeSample, SampleConfig, SampleError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -160,7 +160,8 @@ class CacheWorker:
         try:
             with open(tmp, "wb") as handle:
                 with wds.TarWriter(handle) as sink:
-                    for raw in wds.tarfile_samples([{"url": sample_tar}]):
+                    errors = ErrorNames()  # a damaged tar: what it held up to the damage is cached, the rest counted
+                    for raw in wds.tarfile_samples([{"url": sample_tar}], handler=errors):
                         key = raw.get("__key__", "")
                         try:
                             variants = [self.decode(raw, variant_rng(spec.seed, key, v), train=True)
@@ -173,6 +174,8 @@ class CacheWorker:
                             written += flush(sink)
                     if chunk:
                         written += flush(sink)
+                    for error in errors:
+                        rejected[f"tar: {error}"] = rejected.get(f"tar: {error}", 0) + 1
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, out_tar)

@@ -147,3 +147,18 @@ def test_the_cache_cli_is_one_line_on_user_errors(shard_dirs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and str(tmp_path / "nothing") in err[0] and str(tmp_path / "nobase") in err[1]
     assert not (tmp_path / "enc").exists()  # nothing written before the inputs were checked
+
+
+def test_a_damaged_sample_shard_is_cached_up_to_the_damage(shard_dirs, tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    data = (shard_dirs["train"] / "000000.tar").read_bytes()
+    members = _rows(str(shard_dirs["train"] / "000000.tar"))
+    (folder / "000000.tar").write_bytes(data[: len(data) * 2 // 3])  # cut inside the last samples
+    (folder / "000000.stats.json").write_text('{"samples": 6}')
+    assert _cache(folder, tmp_path / "enc", _config(tmp_path), "--runner", "local", "--variants", "1") == 0
+    cached = _rows(cache_shard_path(str(tmp_path / "enc"), str(folder / "000000.tar")))
+    stats = json.loads((tmp_path / "enc" / "train" / "000000.stats.json").read_text())
+    # What the cut tar still holds whole, less the undecodable first sample, is cached and counted.
+    assert 0 < stats["samples"] == len(cached) < 5 and set(cached) < set(members)
+    assert stats["rejected"]["undecodable png"] == 1 and any(k.startswith("tar: ") for k in stats["rejected"])
