@@ -20,6 +20,8 @@ def test_config_parses(name):
     stage = 1 if "stage1" in name else 2
     assert resolved["model"]["class_path"] == f"training.module.Stage{stage}Module"
     assert resolved["data"]["sample"]["max_subjects"] == (1 if stage == 1 else 4)
+    # SDXL trains on native aspect ratios (its report's buckets); the toy world is square.
+    assert resolved["data"]["sample"]["buckets"] is name.startswith("sdxl")
 
 
 def test_sdxl_without_weights_names_the_key(tmp_path):
@@ -42,3 +44,4 @@ def test_gradient_clipping_on_for_sdxl_off_for_the_toy(name):
     # The other controls are off in every shipped config (the paper's loss).
     assert args.get("snr_gamma") is None and args.get("noise_offset", 0.0) == 0.0
     assert args.get("optimizer", "adamw") == "adamw"
+
