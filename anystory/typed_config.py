@@ -33,7 +33,7 @@ def parse(cls: type[T], data: Any, path: str, overrides: Sequence[tuple[str, str
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
     _check_mappings(cls, data, path)
-    parser = ArgumentParser(exit_on_error=False)
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)  # a key prefix is a typo, not a key
     parser.add_argument(f"--{_ROOT}", type=cls, required=True)
     try:
         namespace = parser.parse_object({_ROOT: data})

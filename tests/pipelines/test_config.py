@@ -121,6 +121,8 @@ def test_auto_mode_needs_the_model_and_its_files(tmp_path):
         ([("filter.min_score", "0.5")], "min_score=0.5"),
         ([("filter.min_score", "x")], "data.filter.min_score: expected float, got 'x'"),
         ([("filter.nope", "1")], "data.filter.nope: unknown key (allowed: dedupe,"),
+        # a prefix of a key is a typo (argparse would take it for the key)
+        ([("filter.min_scor", "0.5")], "data.filter.min_scor: unknown key (allowed: dedupe,"),
         ([("filter.min_score.x", "1")], "data.filter.min_score: not a mapping, cannot set data.filter.min_score.x"),
         ([("shards.images_per_shard", "0")], "data.shards.images_per_shard: expected PositiveInt (v>0), got '0'"),
     ],
