@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from copy import copy
 from dataclasses import field, make_dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,30 +165,32 @@ def evaluate(model: AnyStoryModel, components, batches, timesteps: list[int],
     return details
 
 
-def headline(details: dict[str, Any]) -> dict[str, Any]:
-    """The few figures `dvc metrics show` prints, each as its value and its 95% interval."""
-    def fig(node: dict[str, Any] | None) -> dict[str, Any] | None:
-        if not node or node.get("value") is None:
-            return None
-        return {"value": round(node["value"], 4), "ci95": f"{node['low']:.3f}..{node['high']:.3f}"}
-
+def headline(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The few figures `dvc metrics show` prints: their values (`eval.json`) and, under the same keys,
+    their 95% intervals as "low..high" (`eval_ci95.json`), so that the two files print as two rows of
+    one table. Identity and blending are over the subjects of multi-subject images."""
     miou = details.get("router_miou", {}).get("refined", {})
     ident = details.get("identity_x0", {})
     loss = details.get("loss", {})
-    out: dict[str, Any] = {
-        "samples": details["samples"],
-        "router_miou": fig(miou.get("all_t")),
-        "router_miou_t_le_500": fig(miou.get("t_le_500")),
-        "condition_gain": fig(details["relative_gain"]["full"]),
-        "loss_in_subjects": {v: fig(loss.get(v, {}).get("subjects", {}).get("all_t")) for v in ("full", "router_off")},
+    nodes: dict[str, dict[str, Any] | None] = {
+        "router_miou": miou.get("all_t"),
+        "router_miou_t500": miou.get("t_le_500"),
+        "condition_gain": details["relative_gain"]["full"],
+        "subject_loss_full": loss.get("full", {}).get("subjects", {}).get("all_t"),
+        "subject_loss_router_off": loss.get("router_off", {}).get("subjects", {}).get("all_t"),
     }
     if ident:
-        out["identity_accuracy_multi"] = {v: fig(ident[v]["accuracy_multi"]["all_t"]) for v in HEADLINE_VARIANTS}
-        out["blending_rate_multi"] = {v: fig(ident[v]["blending_multi"]["all_t"]) for v in ("full", "router_off")}
+        nodes.update({f"identity_{short}": ident[v]["accuracy_multi"]["all_t"] for v, short in
+                      zip(HEADLINE_VARIANTS, ("full", "router_off", "no_condition"), strict=True)})
+        nodes.update({f"blending_{short}": ident[v]["blending_multi"]["all_t"] for v, short in
+                      (("full", "full"), ("router_off", "router_off"))})
     sampled = details.get("identity_sampled", {}).get("full")
     if sampled:
-        out["identity_accuracy_sampled_multi"] = fig(sampled["accuracy_multi"])
-    return out
+        nodes["identity_sampled_full"] = sampled["accuracy_multi"]
+    kept = {k: n for k, n in nodes.items() if n and n.get("value") is not None}
+    values = {"samples": details["samples"], **{k: round(n["value"], 4) for k, n in kept.items()}}
+    intervals = {"samples": details["samples"], **{k: f"{n['low']:.3f}..{n['high']:.3f}" for k, n in kept.items()}}
+    return values, intervals
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.params is not None:  # train.eval: defaults of the options above, checked as all params are
         options = {"timesteps": list[int], "batch_size": int, "max_subjects": int, "max_batches": int | None,
                    "generate_steps": int}
-        schema = make_dataclass("TrainEval", [(key, tp, field(default_factory=lambda v=parser.get_default(key): v))
+        defaults = {key: parser.get_default(key) for key in options}
+        schema = make_dataclass("TrainEval", [(key, tp, field(default_factory=partial(copy, defaults[key])))
                                               for key, tp in options.items()])
         try:
             section = read_section(args.params, "train.eval") or {}
@@ -254,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
         details["image_metrics"] = subject_similarity(model, components, batches, args.clip_model, args.dino_model,
                                                       steps=args.generate_steps)
-    summary = headline(details)
+    values, intervals = headline(details)
     write_json(args.details or args.out.with_name(f"{args.out.stem}_details.json"), details)
-    write_json(args.out, summary)
-    print(json.dumps(summary, indent=2))
+    write_json(args.out.with_name(f"{args.out.stem}_ci95.json"), intervals)
+    write_json(args.out, values)
+    print("\n".join(f"{key:<24} {values[key]:<8} {intervals[key]}" for key in values))
     return 0
 
 
