@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from anystory.presets import get_preset
 from training.data.cached import EncoderCacheError
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
+from training.data.sample import PRESET_SIZES
 from training.fsdp import FSDPConfigError
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
@@ -32,9 +33,6 @@ class SampleSizeMismatch(ValueError):
 
 
 # data.sample key -> the AnyStoryConfig field it must equal
-PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref_size": "ref_size"}
-
-
 def derive_sample_sizes(config: Any, given: Any) -> None:
     """Set data.sample's image sizes from the model preset (in `config`, a parsed `fit` config, in
     place): the YAMLs leave them out, so that the data and the model cannot disagree. A size written

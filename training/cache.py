@@ -29,7 +29,6 @@ from safetensors.torch import save as save_tensors
 
 from anystory.atomic import write_atomic
 from anystory.presets import get_preset
-from training.__main__ import PRESET_SIZES
 from training.data.augment import AugmentConfig
 from training.data.cached import (
     FORMAT,
@@ -46,7 +45,7 @@ from training.data.cached import (
     variant_rng,
 )
 from training.data.datamodule import ErrorNames, NoShards, list_shards
-from training.data.sample import DecodeSample, SampleConfig, SampleError
+from training.data.sample import PRESET_SIZES, DecodeSample, SampleConfig, SampleError
 
 DTYPES = ("float32", "float16", "bfloat16")
 

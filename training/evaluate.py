@@ -31,7 +31,7 @@ from anystory.typed_config import ConfigError, parse, read_section
 from training.bootstrap import difference_interval, ratio_interval
 from training.conditions import encode_conditions
 from training.data.datamodule import ShardDataModule
-from training.data.sample import SampleConfig
+from training.data.sample import SampleConfig, preset_sizes
 from training.identity import Appearances, IdentityError, load_catalogue, own_appearances, shard_identities
 from training.sampled import sampled_identity
 from training.text import TextEncoder
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     model, components = load_export(args.export, device=args.device)
     cfg = model.config
     data = ShardDataModule(train_shards=[], val_shards=list(args.shards), batch_size=args.batch_size,
-                           num_workers=0, sample=SampleConfig(resolution=cfg.resolution, clip_size=cfg.clip_image_size,
-                                                              ref_size=cfg.ref_size, max_subjects=args.max_subjects))
+                           num_workers=0, sample=SampleConfig(**preset_sizes(cfg), max_subjects=args.max_subjects))
     batches = data.val_dataloader()
     if args.max_batches is not None:
         batches = [b for i, b in zip(range(args.max_batches), batches, strict=False)]

@@ -20,6 +20,7 @@ from anystory.export import load_adapter_weights
 from anystory.losses import routing_loss
 from anystory.model import AnyStoryModel
 from anystory.presets import get_preset
+from training import validation
 from training.conditions import Conditions, encode_conditions
 from training.diffusion import diffusion_step
 from training.fsdp import clip_sharded_grad_norm_, prepare_fsdp, shard_stage1
@@ -200,8 +201,6 @@ class AnyStoryModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The evaluation's own function and noise (seeded per sample): what W&B shows here is what
         # training.evaluate writes to metrics/eval_details.json for the same checkpoint and data.
-        from training import validation
-
         timesteps = self.hparams.val_timesteps or validation.TIMESTEPS
         # Conditions and references once per batch; only the noise level changes inside.
         cond = self.conditions(batch, sample_latents=False)

@@ -52,6 +52,16 @@ class SampleError(ValueError):
     """A shard sample that cannot be used; the reason is counted, the sample skipped."""
 
 
+# data.sample's image sizes -> the model config's fields they must equal (the data and the model
+# cannot disagree: the training CLI, the encoder cache and the evaluation take them from the preset).
+PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref_size": "ref_size"}
+
+
+def preset_sizes(config: Any) -> dict[str, int]:
+    """data.sample's image sizes of a model config (an AnyStoryConfig or preset)."""
+    return {key: getattr(config, field) for key, field in PRESET_SIZES.items()}
+
+
 @dataclass
 class SampleConfig:
     resolution: int = 1024  # square target side (px)
