@@ -1,7 +1,8 @@
 """Identity per subject on images sampled from noise with `AnyStoryPipeline` (few steps, a fixed seed
 per image). A sampled image has its own layout: each subject is located where the routers put it
 at the last denoising step (the argmax route at the finest routing resolution, upsampled), or,
-with ground-truth routes, where the layout put it. Variants without a router (router off, no
+with ground-truth routes, where the layout put it (which an image sampled from noise need not
+follow: docs/evaluation.md, "Ground-truth routes on sampled images"). Variants without a router (router off, no
 subject condition) leave no map that locates a subject, so they are not measured here (the x0
 identity of training.validation covers them)."""
 
