@@ -2,6 +2,12 @@
 tiny VAE, then the tiny UNet (text-conditioned, epsilon prediction) on the toy shards; stages 1-2
 then keep the paper's frozen-base setting on top of it. Real runs start from SDXL weights instead.
 
+With `--catalogue` (the toy world's manifest) the base learns from captions that name each subject's
+colour, texture and shape, as SDXL knows colour and texture words; the AnyStory stages then train on
+the shards' own captions, which name only the shape (`data.toyworld.caption: label`), so that only
+the reference can say what a subject looks like, and the subject tokens, which live in the text
+space, have words of the base to aim at (paper.md, note on Fig. 3).
+
 `python -m training.base --shards data/shards/unpaired --out runs/toy_base ...` writes the base in
 the diffusers layout (the folder that `base_dir` of the stage configs points at)."""
 
@@ -18,9 +24,11 @@ from diffusers import DDPMScheduler
 
 from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, save_components
 from anystory.presets import get_preset
+from pipelines.toyworld.render import caption
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
 from training.diffusion import diffusion_step
+from training.identity import IdentityError, load_catalogue, shard_identities
 from training.text import TextEncoder
 
 
@@ -48,8 +56,9 @@ class ToyVAE(L.LightningModule):
 class ToyUNet(L.LightningModule):
     """Epsilon-prediction diffusion loss on the frozen VAE's latents, SDXL-style conditioning."""
 
-    def __init__(self, components: BaseComponents, lr: float) -> None:
+    def __init__(self, components: BaseComponents, lr: float, captions: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.captions = captions or {}  # sample key -> the caption to train on instead of the shard's
         self.unet = components.unet
         self.vae = components.vae.requires_grad_(False)
         self.text_encoder = components.text_encoder.requires_grad_(False)
@@ -61,7 +70,8 @@ class ToyUNet(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             latents = self.vae.encode(batch["pixels"]).latent_dist.sample() * self.vae.config.scaling_factor
-            embeds, pooled = self.encode_text(batch["caption"], self.device)
+            captions = [self.captions.get(key, c) for key, c in zip(batch["key"], batch["caption"], strict=True)]
+            embeds, pooled = self.encode_text(captions, self.device)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
         loss, _ = diffusion_step(self.scheduler, latents,
                                  lambda noisy, t: (self.unet(noisy, t, embeds, added_cond_kwargs=added).sample, None))
@@ -72,15 +82,27 @@ class ToyUNet(L.LightningModule):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.lr)
 
 
+def phrase_captions(shards: list[str], catalogue: Path) -> dict[str, str]:
+    """Sample key -> the toy world's "phrase" caption of its subjects (colour, texture, shape), from
+    the identity ids the shard json records; samples with an unknown identity keep their caption."""
+    identities = {ident.id: ident for ident in load_catalogue(catalogue)}
+    out = {}
+    for key, ids in shard_identities(shards).items():
+        if all(i in identities for i in ids):
+            out[key] = caption([identities[i] for i in ids], "phrase")
+    return out
+
+
 def fit_toy_base(shards: list[str], out: Path, vae_steps: int, unet_steps: int, batch_size: int = 8,
                  lr: float = 5e-4, seed: int = 0, num_workers: int = 2, tokenizer_dir: str = ".cache/anystory-tokenizer",
-                 root_dir: str = "runs/toy_base") -> Path:
+                 root_dir: str = "runs/toy_base", catalogue: Path | None = None) -> Path:
     config = get_preset("tiny")
+    captions = phrase_captions(shards, catalogue) if catalogue is not None else None
     L.seed_everything(seed)
     components = build_random(config, tokenizer_dir, seed=seed)
     sample = SampleConfig(resolution=config.resolution, clip_size=config.clip_image_size, ref_size=config.ref_size,
                           max_subjects=1, clip_drop=0.0, augment=None)
-    phases = (("vae", lambda: ToyVAE(components, lr), vae_steps), ("unet", lambda: ToyUNet(components, lr), unet_steps))
+    phases = (("vae", lambda: ToyVAE(components, lr), vae_steps), ("unet", lambda: ToyUNet(components, lr, captions), unet_steps))
     for phase, make_module, steps in phases:
         if steps <= 0:
             continue
@@ -110,9 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--root-dir", default="runs/toy_base")
+    parser.add_argument("--catalogue", type=Path, default=None,
+                        help="toy-world manifest.json: train the UNet on captions naming colour, texture and shape")
     args = parser.parse_args(argv)
+    if args.catalogue is not None:
+        try:
+            load_catalogue(args.catalogue)  # a bad path or file: one line before any work
+        except IdentityError as err:
+            parser.exit(2, f"error: --catalogue: {err}\n")
     fit_toy_base(args.shards, args.out, args.vae_steps, args.unet_steps, args.batch_size, args.lr, args.seed,
-                 args.num_workers, root_dir=args.root_dir)
+                 args.num_workers, root_dir=args.root_dir, catalogue=args.catalogue)
     print(f"wrote {args.out}")
     return 0
 

@@ -150,7 +150,8 @@ class CacheWorker:
 
         def flush(sink: wds.TarWriter) -> int:
             for (key, caption, variants), tensors in zip(chunk, self._encode(chunk), strict=True):
-                meta = {"caption": caption, "num_subjects": int(variants[0]["valid"].sum()), "variants": spec.variants}
+                meta = {"caption": caption, "num_subjects": int(variants[0]["valid"].sum()), "variants": spec.variants,
+                        "image_subjects": variants[0]["image_subjects"]}  # before max_subjects cut
                 sink.write({"__key__": key, "json": json.dumps(meta).encode(), MEMBER: save_tensors(tensors)})
             n = len(chunk)
             chunk.clear()
@@ -240,7 +241,8 @@ def load_spec(args: argparse.Namespace) -> CacheSpec:
     except ValueError as err:
         raise EncoderCacheError(f"--config {args.config}: {err}") from None
     # Every subject, in stored order, nothing dropped: those choices stay per load.
-    sample = replace(sample, max_subjects=args.max_subjects, shuffle_subjects=False, caption_drop=0.0, clip_drop=0.0)
+    sample = replace(sample, max_subjects=args.max_subjects, shuffle_subjects=False, caption_drop=0.0, clip_drop=0.0,
+                     max_image_subjects=None)  # the cache holds every sample; each run picks its own
     model = {key: init_args.get(key) for key in ("preset", "weights", "base_dir", "seed", "frozen_dtype",
                                                   "tokenizer_dir") if init_args.get(key) is not None}
     if args.base_dir is not None:

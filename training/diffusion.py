@@ -44,11 +44,15 @@ def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor, weights: torch
 
 def diffusion_step(scheduler: DDPMScheduler, latents: torch.Tensor,
                    predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Extra]],
-                   noise_offset: float = 0.0, snr_gamma: float | None = None) -> tuple[torch.Tensor, Extra]:
+                   noise_offset: float = 0.0, snr_gamma: float | None = None,
+                   timesteps_range: tuple[int, int | None] = (0, None)) -> tuple[torch.Tensor, Extra]:
     """The loss of one training step on clean `latents`. `predict(noisy, timesteps)` returns the noise
-    prediction and anything else its caller needs back (stage 2: the routing maps), returned beside the loss."""
+    prediction and anything else its caller needs back (stage 2: the routing maps), returned beside the loss.
+    Timesteps are drawn uniformly from `timesteps_range` [min, max) (max None: the schedule's end)."""
     noise = training_noise(latents, noise_offset)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    low, high = timesteps_range
+    high = scheduler.config.num_train_timesteps if high is None else high
+    timesteps = torch.randint(low, high, (latents.shape[0],), device=latents.device)
     noise_pred, extra = predict(scheduler.add_noise(latents, noise, timesteps), timesteps)
     weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
     return diffusion_loss(noise_pred, noise, weights), extra

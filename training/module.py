@@ -53,6 +53,8 @@ class AnyStoryModule(L.LightningModule):
         coarse_routing_weight: float = 0.5,  # the coarse map drives the masked attention: supervise it too
         snr_gamma: float | None = None,  # min-SNR-gamma loss weights (5.0 is the usual value); None: plain loss
         noise_offset: float = 0.0,  # x a per-channel normal draw added to the noise (0.05-0.1 is usual)
+        min_timestep: int = 0,  # training timesteps are drawn from [min_timestep, max_timestep) (kohya's names)
+        max_timestep: int | None = None,  # None: the schedule's end (1000)
         optimizer: str = "adamw",  # or "adamw8bit" (bitsandbytes, CUDA)
         gradient_checkpointing: bool = False,
         frozen_dtype: str = "float32",
@@ -65,6 +67,10 @@ class AnyStoryModule(L.LightningModule):
             raise TypeError("use Stage1Module or Stage2Module")
         self.save_hyperparameters()
         check_optimizer_name(optimizer)
+        if not 0 <= min_timestep < (SDXL_SCHEDULER["num_train_timesteps"] if max_timestep is None else max_timestep) \
+                <= SDXL_SCHEDULER["num_train_timesteps"]:
+            raise ValueError(f"model.init_args.min_timestep={min_timestep} and max_timestep={max_timestep} must satisfy "
+                             f"0 <= min_timestep < max_timestep <= {SDXL_SCHEDULER['num_train_timesteps']}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"model.init_args.snr_gamma must be > 0 (or null), got {snr_gamma}")
         self.model: AnyStoryModel | None = None
@@ -179,7 +185,7 @@ class AnyStoryModule(L.LightningModule):
             return out.noise_pred, out.routing
 
         loss, routing = diffusion_step(self.noise_scheduler, cond.latents, predict, self.hparams.noise_offset,
-                                       self.hparams.snr_gamma)
+                                       self.hparams.snr_gamma, (self.hparams.min_timestep, self.hparams.max_timestep))
         logs = {"train/loss_diffusion": loss.detach()}
         if self.stage == 2:
             route, by_size = routing_loss(routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)

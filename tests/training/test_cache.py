@@ -162,3 +162,14 @@ def test_a_damaged_sample_shard_is_cached_up_to_the_damage(shard_dirs, tmp_path)
     # What the cut tar still holds whole, less the undecodable first sample, is cached and counted.
     assert 0 < stats["samples"] == len(cached) < 5 and set(cached) < set(members)
     assert stats["rejected"]["undecodable png"] == 1 and any(k.startswith("tar: ") for k in stats["rejected"])
+
+
+def test_a_cached_run_selects_single_subject_images_like_an_uncached_one(shard_dirs, cache):
+    cached = _module(shard_dirs["train"], cache["dir"], max_subjects=1, max_image_subjects=1)
+    cached.hparams.batch_size, cached.hparams.batches_per_epoch = 1, 12
+    keys = {k for b in cached.train_dataloader() for k in b["key"]}
+    sample = SampleConfig(**SIZES, max_subjects=1, max_image_subjects=1)
+    plain = ShardDataModule(train_shards=[str(shard_dirs["train"])], batch_size=1, num_workers=0,
+                            batches_per_epoch=12, shuffle_buffer=1, sample=sample)
+    expected = {k for b in plain.train_dataloader() for k in b["key"]}
+    assert keys == expected and len(expected) == 2  # 2 shards x 6 samples: 1 subject in 4, one of them corrupt each

@@ -210,3 +210,28 @@ def test_a_truncated_shard_counts_the_samples_it_lost(tmp_path, inside):
     finished_reads = keys.count("test-000000-000000") - 1
     assert finished_reads >= 2
     assert sum(sum(b["rejected"].values()) for b in batches) == 2 * finished_reads
+
+
+def _single_subject_keys(folder) -> set[str]:
+    """Keys whose json lists one subject, read from the shards without the training decode."""
+    import json
+
+    return {raw["__key__"] for tar in sorted(folder.glob("*.tar"))
+            for raw in wds.WebDataset(str(tar), shardshuffle=False)
+            if len(json.loads(raw["json"])["subjects"]) == 1}
+
+
+def test_max_image_subjects_trains_on_single_subject_images_and_validates_on_all(shard_dirs):
+    # The test shards hold 1, 2 and 3 subjects in turn: a third of the samples qualify.
+    sample = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=1, max_image_subjects=1)
+    dm = ShardDataModule(train_shards=[str(shard_dirs["train"])], val_shards=[str(shard_dirs["val"])],
+                         batch_size=1, num_workers=0, batches_per_epoch=12, shuffle_buffer=1, sample=sample)
+    batches = list(dm.train_dataloader())
+    trained = {k for b in batches for k in b["key"]}
+    # The first sample of each train shard is corrupt: rejected (and counted) before any selection.
+    assert trained == _single_subject_keys(shard_dirs["train"]) - {"test-000000-000000", "test-000001-000000"}
+    assert len(trained) == 2 and all(b["valid"].sum() == 1 for b in batches)
+    # Images with more subjects are not selected, which is not a rejection.
+    assert {reason for b in batches for reason in b["rejected"]} == {"undecodable png"}
+    validated = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert len(validated) == 4  # validation keeps every image

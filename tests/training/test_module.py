@@ -216,3 +216,20 @@ def test_checkpoint_holds_the_adapters_and_loads_them_strictly(tmp_path):
         assert all(torch.equal(before[k], v) for k, v in other.model.adapter_state_dict().items())  # nothing copied
     with pytest.raises(ValueError, match=rf"{key}: checkpoint \(1,\) vs model"):
         other.load_state_dict({**state, key: torch.zeros(1)}, strict=other.strict_loading)
+
+
+def test_training_timesteps_stay_in_the_configured_range():
+    scheduler = DDPMScheduler(**SDXL_SCHEDULER)
+    latents = torch.zeros(256, 4, 2, 2)
+    seen = {}
+
+    def record(noisy, t):
+        seen["t"] = t
+        return torch.zeros_like(noisy), None
+
+    diffusion_step(scheduler, latents, record, timesteps_range=(900, 950))
+    assert int(seen["t"].min()) >= 900 and int(seen["t"].max()) < 950 and seen["t"].unique().numel() > 10
+    diffusion_step(scheduler, latents, record, timesteps_range=(990, None))  # None: to the schedule's end
+    assert set(seen["t"].tolist()) <= set(range(990, 1000)) and int(seen["t"].max()) >= 995
+    with pytest.raises(ValueError, match="min_timestep=500 and max_timestep=400"):
+        Stage1Module(min_timestep=500, max_timestep=400)

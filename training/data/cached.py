@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 
-from training.data.sample import SampleConfig, SampleError
+from training.data.sample import SampleConfig, SampleError, check_selected
 
 FORMAT = 1
 MANIFEST = "cache.json"
@@ -173,8 +173,10 @@ class DecodeCached:
             meta = json.loads(sample["json"])
             tensors = load_tensors(sample[MEMBER])
             n, variants = int(meta["num_subjects"]), int(meta["variants"])
+            image_subjects = int(meta.get("image_subjects", n))
         except Exception as err:  # any damage to a member: the sample is skipped and counted
             raise SampleError("undecodable encoder cache sample") from err
+        check_selected(image_subjects, cfg, train)
         v = rng.randrange(variants)
         order = list(range(n))
         if train and cfg.shuffle_subjects:

@@ -20,7 +20,7 @@ import lightning as L
 import webdataset as wds
 
 from training.data.cached import DecodeCached, cache_shards, check_manifest, read_manifest, read_null
-from training.data.sample import DecodeSample, SampleConfig, SampleError, collate
+from training.data.sample import DecodeSample, NotSelected, SampleConfig, SampleError, collate
 
 
 def _is_url(location: str) -> bool:
@@ -195,6 +195,8 @@ class DecodeAndBatch:
                 row = self.decode(raw, sample_rng, train=self.train)
             except SampleError as err:
                 self.counter.counts[str(err)] += 1
+                continue
+            except NotSelected:
                 continue
             size = tuple(row["masks"].shape[-2:])
             rows = pending.setdefault(size, [])

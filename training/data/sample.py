@@ -52,6 +52,18 @@ class SampleError(ValueError):
     """A shard sample that cannot be used; the reason is counted, the sample skipped."""
 
 
+class NotSelected(Exception):
+    """A good sample this run does not train on (data.sample.max_image_subjects): skipped, not a rejection."""
+
+
+def check_selected(image_subjects: int, config: SampleConfig, train: bool) -> None:
+    """Stage 1 learns from single-subject images (paper.md Section 8, items 23-24): with one reference and
+    no router, a second subject in the target is one the reference cannot tell apart from its own, and the
+    encoder learns to hedge. Validation keeps every image."""
+    if train and config.max_image_subjects is not None and image_subjects > config.max_image_subjects:
+        raise NotSelected
+
+
 # data.sample's image sizes -> the model config's fields they must equal (the data and the model
 # cannot disagree: the training CLI, the encoder cache and the evaluation take them from the preset).
 PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref_size": "ref_size"}
@@ -68,6 +80,8 @@ class SampleConfig:
     clip_size: int = 224
     ref_size: int = 512
     max_subjects: int = 4  # padded to this; stage 1 uses 1
+    # Train only on images with at most this many subjects (stage 1: 1); None: every image.
+    max_image_subjects: int | None = None
     random_crop: bool = True
     shuffle_subjects: bool = True  # the routes must not depend on subject order
     clip_drop: float = 0.1  # CLIP subject condition replaced by the null tokens
@@ -116,6 +130,7 @@ class DecodeSample:
             decoded = decode_subjects(sample, meta)
         except ContractError as err:
             raise SampleError(str(err)) from err
+        check_selected(len(decoded.refs), cfg, train)
         subjects = list(range(len(decoded.refs)))
         if train and cfg.shuffle_subjects:
             rng.shuffle(subjects)
@@ -167,6 +182,7 @@ class DecodeSample:
             "ref_masks": ref_masks,
             "valid": valid,
             "drop": torch.tensor(train and rng.random() < cfg.clip_drop),
+            "image_subjects": len(decoded.refs),
         }
 
 
