@@ -13,10 +13,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
 
-from anystory.presets import get_preset
 from training.data.cached import EncoderCacheError
 from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
-from training.data.sample import PRESET_SIZES
+from training.data.sample import PRESET_SIZES, SampleSizeMismatch, checked_preset_sizes
 from training.fsdp import FSDPConfigError
 from training.loggers import ResumableWandbLogger
 from training.module import AnyStoryModule
@@ -28,25 +27,15 @@ class CheckpointError(ValueError):
     """The checkpoint to resume from is missing or unreadable."""
 
 
-class SampleSizeMismatch(ValueError):
-    """data.sample sets an image size that is not the model preset's."""
-
-
-# data.sample key -> the AnyStoryConfig field it must equal
 def derive_sample_sizes(config: Any, given: Any) -> None:
     """Set data.sample's image sizes from the model preset (in `config`, a parsed `fit` config, in
     place): the YAMLs leave them out, so that the data and the model cannot disagree. A size written
     anyway (in `given`, the same arguments parsed without defaults) must equal the preset's."""
-    name = config.model.init_args.preset
-    preset = get_preset(name)
     if config.data.sample is None:
         config.data.sample = type(config)()  # SampleConfig's defaults, with the sizes set below
-    for key, field in PRESET_SIZES.items():
-        want, written = getattr(preset, field), given.get(f"data.sample.{key}") if given.get("data.sample") else None
-        if written is not None and written != want:
-            raise SampleSizeMismatch(f"data.sample.{key}: {written} is not the {field} of model preset {name!r} "
-                                     f"({want}); leave it out: it is derived from the preset")
-        config.data.sample[key] = want
+    written = {key: given.get(f"data.sample.{key}") for key in PRESET_SIZES} if given.get("data.sample") else {}
+    for key, size in checked_preset_sizes(config.model.init_args.preset, written).items():
+        config.data.sample[key] = size
 
 
 def resume_checkpoint(trainer: Trainer, ckpt_path: str | None) -> str | None:

@@ -26,7 +26,7 @@ from anystory.components import SDXL_SCHEDULER, BaseComponents, build_random, sa
 from anystory.presets import get_preset
 from pipelines.toyworld.render import caption
 from training.data.datamodule import ShardDataModule
-from training.data.sample import SampleConfig
+from training.data.sample import SampleConfig, preset_sizes
 from training.diffusion import diffusion_step
 from training.identity import IdentityError, load_catalogue, shard_identities
 from training.text import TextEncoder
@@ -100,8 +100,7 @@ def fit_toy_base(shards: list[str], out: Path, vae_steps: int, unet_steps: int, 
     captions = phrase_captions(shards, catalogue) if catalogue is not None else None
     L.seed_everything(seed)
     components = build_random(config, tokenizer_dir, seed=seed)
-    sample = SampleConfig(resolution=config.resolution, clip_size=config.clip_image_size, ref_size=config.ref_size,
-                          max_subjects=1, clip_drop=0.0, augment=None)
+    sample = SampleConfig(**preset_sizes(config), max_subjects=1, clip_drop=0.0, augment=None)
     phases = (("vae", lambda: ToyVAE(components, lr), vae_steps), ("unet", lambda: ToyUNet(components, lr, captions), unet_steps))
     for phase, make_module, steps in phases:
         if steps <= 0:

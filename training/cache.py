@@ -28,7 +28,6 @@ import yaml
 from safetensors.torch import save as save_tensors
 
 from anystory.atomic import write_atomic
-from anystory.presets import get_preset
 from training.data.augment import AugmentConfig
 from training.data.cached import (
     FORMAT,
@@ -45,7 +44,7 @@ from training.data.cached import (
     variant_rng,
 )
 from training.data.datamodule import ErrorNames, NoShards, list_shards
-from training.data.sample import PRESET_SIZES, DecodeSample, SampleConfig, SampleError
+from training.data.sample import DecodeSample, SampleConfig, SampleError, checked_preset_sizes
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -213,13 +212,7 @@ def plan(shards: list[str], out: str, fingerprint: str) -> list[tuple[str, str]]
 def preset_sample_config(sample_args: dict[str, Any], preset_name: str) -> SampleConfig:
     """A config's data.sample with the image sizes of its model preset, as the training CLI derives
     them (training/__main__.py); a written size that differs is a ValueError naming the key."""
-    preset = get_preset(preset_name)
-    sample_args = dict(sample_args)
-    for key, field in PRESET_SIZES.items():
-        if sample_args.get(key) not in (None, getattr(preset, field)):
-            raise ValueError(f"data.sample.{key}: {sample_args[key]} is not the {field} of model preset "
-                             f"{preset_name!r} ({getattr(preset, field)})")
-        sample_args[key] = getattr(preset, field)
+    sample_args = {**sample_args, **checked_preset_sizes(preset_name, sample_args)}
     augment = sample_args.pop("augment", {})
     try:
         return SampleConfig(**sample_args, augment=AugmentConfig(**augment) if augment is not None else None)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from anystory.preprocess import reference_tensors
+from anystory.presets import get_preset
 from pipelines.shards.contract import JSON, ContractError, decode_subjects, target_member
 from training.data.augment import AugmentConfig, augment_reference, pad_to_square
 
@@ -72,6 +73,21 @@ PRESET_SIZES = {"resolution": "resolution", "clip_size": "clip_image_size", "ref
 def preset_sizes(config: Any) -> dict[str, int]:
     """data.sample's image sizes of a model config (an AnyStoryConfig or preset)."""
     return {key: getattr(config, field) for key, field in PRESET_SIZES.items()}
+
+
+class SampleSizeMismatch(ValueError):
+    """A data.sample size written in a config that is not the model preset's."""
+
+
+def checked_preset_sizes(preset_name: str, written: dict[str, Any]) -> dict[str, int]:
+    """The image sizes of model preset `preset_name`, after checking that each size `written` in a config
+    (None: left out) equals it; the training CLI and the encoder cache both derive their sizes here."""
+    sizes = preset_sizes(get_preset(preset_name))
+    for key, want in sizes.items():
+        if written.get(key) not in (None, want):
+            raise SampleSizeMismatch(f"data.sample.{key}: {written[key]} is not the {PRESET_SIZES[key]} of model preset "
+                                     f"{preset_name!r} ({want}); leave it out: it is derived from the preset")
+    return sizes
 
 
 @dataclass
