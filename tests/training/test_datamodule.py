@@ -235,3 +235,20 @@ def test_max_image_subjects_trains_on_single_subject_images_and_validates_on_all
     assert {reason for b in batches for reason in b["rejected"]} == {"undecodable png"}
     validated = [k for b in dm.val_dataloader() for k in b["key"]]
     assert len(validated) == 4  # validation keeps every image
+
+
+def test_a_stream_with_no_selectable_sample_stops_with_one_line_instead_of_hanging(shard_dirs):
+    import json
+
+    from training.data.datamodule import DecodeAndBatch, RejectCounter
+
+    raw = [r for r in _raw(shard_dirs["val"]) if len(json.loads(r["json"])["subjects"]) > 1]
+    sample = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=1, max_image_subjects=1)
+    stage = DecodeAndBatch(DecodeSample(sample), batch_size=1, counter=RejectCounter(), train=True, seed=0,
+                           max_unselected=4)
+    with pytest.raises(UnreadableShards, match=r"^data.sample.max_image_subjects=1: none of 4 training samples in a "
+                                               r"row has at most 1 subjects$"):
+        list(stage(iter(raw * 2)))  # the val shard's 2 multi-subject samples, twice: 4 skipped in a row
+    single = [r for r in _raw(shard_dirs["val"]) if len(json.loads(r["json"])["subjects"]) == 1][:1]
+    batches = list(stage(iter(raw + single + raw)))  # 2 skipped, one selected, 2 skipped: never 4 in a row
+    assert [b["key"] for b in batches] == [[single[0]["__key__"]]]

@@ -67,7 +67,7 @@ def listed_samples(stats_file: str) -> int | None:
 
 
 class UnreadableShards(RuntimeError):
-    """No listed training shard yields a sample: the run cannot make a step."""
+    """No training sample the run can use (no listed shard yields one, or none is selected): no step can be made."""
 
     @staticmethod
     def one_line(err: BaseException) -> str:
@@ -183,12 +183,16 @@ class DecodeAndBatch:
     train: bool
     seed: int
     epoch: int = 0  # counts this worker's passes, so each epoch draws new augmentations and drops
+    # Samples in a row that data.sample.max_image_subjects skips before the stream is declared empty
+    # for this run (an endless stream would otherwise hang without a step).
+    max_unselected: int = 10_000
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         info = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{self.seed}-{info}-{self.epoch}")
         self.epoch += 1
         pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}  # target size -> rows
+        unselected = 0
         for raw in samples:
             sample_rng = rng if self.train else random.Random(zlib.crc32(raw.get("__key__", "").encode()))
             try:
@@ -197,7 +201,13 @@ class DecodeAndBatch:
                 self.counter.counts[str(err)] += 1
                 continue
             except NotSelected:
+                unselected += 1
+                if unselected >= self.max_unselected:
+                    limit = self.decode.config.max_image_subjects
+                    raise UnreadableShards(f"data.sample.max_image_subjects={limit}: none of {unselected} training "
+                                           f"samples in a row has at most {limit} subjects") from None
                 continue
+            unselected = 0
             size = tuple(row["masks"].shape[-2:])
             rows = pending.setdefault(size, [])
             rows.append(row)

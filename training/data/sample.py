@@ -140,13 +140,15 @@ class DecodeSample:
             meta = json.loads(sample[JSON])
         except (KeyError, ValueError) as err:
             raise SampleError("missing or invalid json") from err
+        subject_entries = meta.get("subjects")
+        # Before any image is decoded: a skipped sample costs only its json.
+        check_selected(len(subject_entries) if isinstance(subject_entries, list) else 0, cfg, train)
         try:
             ext, data = target_member(sample)
             target = _image(data, "RGB", ext)
             decoded = decode_subjects(sample, meta)
         except ContractError as err:
             raise SampleError(str(err)) from err
-        check_selected(len(decoded.refs), cfg, train)
         subjects = list(range(len(decoded.refs)))
         if train and cfg.shuffle_subjects:
             rng.shuffle(subjects)
