@@ -18,7 +18,7 @@ from training.data.datamodule import NoShards, ShardDataModule, UnreadableShards
 from training.data.sample import PRESET_SIZES, SampleSizeMismatch, checked_preset_sizes
 from training.fsdp import FSDPConfigError
 from training.loggers import ResumableWandbLogger
-from training.module import AnyStoryModule
+from training.module import AnyStoryModule, ModelArgsError, check_model_args
 from training.optim import OptimizerUnavailable
 from training.progress import StepProgress, StepProgressBar
 
@@ -85,10 +85,10 @@ class AnyStoryCLI(LightningCLI):
                       else parser.parse_args(args, defaults=False))
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand:
-            derive_sample_sizes(self.config[self.subcommand], self.given[self.subcommand])
-        else:
-            derive_sample_sizes(self.config, self.given)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        derive_sample_sizes(config, self.given[self.subcommand] if self.subcommand else self.given)
+        # Out-of-range values: one line here, not jsonargparse's traceback from inside the instantiation.
+        check_model_args(config.model.init_args or {})
 
     def before_fit(self) -> None:
         resume_checkpoint(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
@@ -109,7 +109,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     except UnreadableShards as err:
         message = UnreadableShards.one_line(err)
     except (NoShards, CheckpointError, OptimizerUnavailable, SampleSizeMismatch, EncoderCacheError,
-            FSDPConfigError) as err:
+            FSDPConfigError, ModelArgsError) as err:
         message = str(err)
     print(f"python -m training: error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -5,6 +5,7 @@ and no router; stage 2 freezes it and trains the router with diffusion + 0.1 x r
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,27 @@ from training.optim import build_optimizer, check_optimizer_available, check_opt
 from training.text import TextEncoder
 
 STAGES = (1, 2)
+
+
+class ModelArgsError(ValueError):
+    """A model.init_args value out of its range; the message names the key."""
+
+
+def check_model_args(args: Mapping[str, Any]) -> None:
+    """The hyper-parameters that can be wrong on their own, checked before any model is built: by
+    `python -m training` before it instantiates the module (one line), and by the module itself."""
+    try:
+        check_optimizer_name(args.get("optimizer", "adamw"))
+    except ValueError as err:
+        raise ModelArgsError(str(err)) from None
+    snr_gamma = args.get("snr_gamma")
+    if snr_gamma is not None and snr_gamma <= 0:
+        raise ModelArgsError(f"model.init_args.snr_gamma must be > 0 (or null), got {snr_gamma}")
+    total = SDXL_SCHEDULER["num_train_timesteps"]
+    low, high = args.get("min_timestep", 0), args.get("max_timestep")
+    if not 0 <= low < (total if high is None else high) <= total:
+        raise ModelArgsError(f"model.init_args.min_timestep={low} and max_timestep={high} must satisfy "
+                             f"0 <= min_timestep < max_timestep <= {total}")
 
 
 class AnyStoryModule(L.LightningModule):
@@ -66,13 +88,7 @@ class AnyStoryModule(L.LightningModule):
         if self.stage not in STAGES:
             raise TypeError("use Stage1Module or Stage2Module")
         self.save_hyperparameters()
-        check_optimizer_name(optimizer)
-        if not 0 <= min_timestep < (SDXL_SCHEDULER["num_train_timesteps"] if max_timestep is None else max_timestep) \
-                <= SDXL_SCHEDULER["num_train_timesteps"]:
-            raise ValueError(f"model.init_args.min_timestep={min_timestep} and max_timestep={max_timestep} must satisfy "
-                             f"0 <= min_timestep < max_timestep <= {SDXL_SCHEDULER['num_train_timesteps']}")
-        if snr_gamma is not None and snr_gamma <= 0:
-            raise ValueError(f"model.init_args.snr_gamma must be > 0 (or null), got {snr_gamma}")
+        check_model_args(self.hparams)
         self.model: AnyStoryModel | None = None
         self.adapter_meta: dict[str, torch.Tensor] = {}  # adapter keys and shapes, on the meta device
         self.rejected: Counter = Counter()

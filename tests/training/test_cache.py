@@ -108,9 +108,9 @@ def test_cache_stage_writes_complete_shards_atomically_and_skips_current_ones(sh
     assert {p: t for p, t in after.items() if p.name != MANIFEST} == {p: t for p, t in before.items() if p.name != MANIFEST}
 
 
-def _module(shards: Path, cache_dir: Path, **sample) -> ShardDataModule:
-    return ShardDataModule(train_shards=[str(shards)], cache_dir=str(cache_dir), batch_size=2, num_workers=0,
-                           batches_per_epoch=1, shuffle_buffer=1, sample=SampleConfig(**{**SIZES, **sample}))
+def _module(shards: Path, cache_dir: Path, batch_size: int = 2, batches_per_epoch: int = 1, **sample) -> ShardDataModule:
+    return ShardDataModule(train_shards=[str(shards)], cache_dir=str(cache_dir), batch_size=batch_size, num_workers=0,
+                           batches_per_epoch=batches_per_epoch, shuffle_buffer=1, sample=SampleConfig(**{**SIZES, **sample}))
 
 
 def test_the_data_module_reads_the_cache(shard_dirs, cache):
@@ -165,8 +165,8 @@ def test_a_damaged_sample_shard_is_cached_up_to_the_damage(shard_dirs, tmp_path)
 
 
 def test_a_cached_run_selects_single_subject_images_like_an_uncached_one(shard_dirs, cache):
-    cached = _module(shard_dirs["train"], cache["dir"], max_subjects=1, max_image_subjects=1)
-    cached.hparams.batch_size, cached.hparams.batches_per_epoch = 1, 12
+    cached = _module(shard_dirs["train"], cache["dir"], batch_size=1, batches_per_epoch=12, max_subjects=1,
+                     max_image_subjects=1)
     keys = {k for b in cached.train_dataloader() for k in b["key"]}
     sample = SampleConfig(**SIZES, max_subjects=1, max_image_subjects=1)
     plain = ShardDataModule(train_shards=[str(shard_dirs["train"])], batch_size=1, num_workers=0,

@@ -39,6 +39,20 @@ def test_a_size_other_than_the_presets_is_rejected(key, value, capsys):
                                        f"model preset 'tiny' ({TINY[key]}); leave it out: it is derived from the preset")
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (("--model.init_args.min_timestep=900", "--model.init_args.max_timestep=100"),
+     "model.init_args.min_timestep=900 and max_timestep=100 must satisfy 0 <= min_timestep < max_timestep <= 1000"),
+    (("--model.init_args.snr_gamma=0",), "model.init_args.snr_gamma must be > 0 (or null), got 0.0"),
+    (("--model.init_args.optimizer=sgd",), "model.init_args.optimizer: 'sgd' is not one of adamw, adamw8bit"),
+])
+def test_an_out_of_range_model_argument_is_one_line(args, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(_args(*args), run=False)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == f"python -m training: error: {line}"
+
+
 class _Parsed(Exception):
     """Raised where evaluation would load the export: the arguments were accepted."""
 

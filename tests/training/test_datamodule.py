@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import random
 import tarfile
 
@@ -10,7 +11,13 @@ import webdataset as wds
 
 from tests.training.shards import write_shards
 from training.data.augment import AugmentConfig, augment_reference
-from training.data.datamodule import ShardDataModule, UnreadableShards, list_shards
+from training.data.datamodule import (
+    DecodeAndBatch,
+    RejectCounter,
+    ShardDataModule,
+    UnreadableShards,
+    list_shards,
+)
 from training.data.sample import DecodeSample, SampleConfig
 
 SAMPLE = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=2)
@@ -214,8 +221,6 @@ def test_a_truncated_shard_counts_the_samples_it_lost(tmp_path, inside):
 
 def _single_subject_keys(folder) -> set[str]:
     """Keys whose json lists one subject, read from the shards without the training decode."""
-    import json
-
     return {raw["__key__"] for tar in sorted(folder.glob("*.tar"))
             for raw in wds.WebDataset(str(tar), shardshuffle=False)
             if len(json.loads(raw["json"])["subjects"]) == 1}
@@ -238,10 +243,6 @@ def test_max_image_subjects_trains_on_single_subject_images_and_validates_on_all
 
 
 def test_a_stream_with_no_selectable_sample_stops_with_one_line_instead_of_hanging(shard_dirs):
-    import json
-
-    from training.data.datamodule import DecodeAndBatch, RejectCounter
-
     raw = [r for r in _raw(shard_dirs["val"]) if len(json.loads(r["json"])["subjects"]) > 1]
     sample = SampleConfig(resolution=32, clip_size=16, ref_size=32, max_subjects=1, max_image_subjects=1)
     stage = DecodeAndBatch(DecodeSample(sample), batch_size=1, counter=RejectCounter(), train=True, seed=0,
