@@ -17,9 +17,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: test repro lint venv clean
 
+# bash with pipefail: a failed pip install (a full disk, say) must stop make here, before the stamp,
+# not be hidden by the warning filter and surface later as "No module named pytest".
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@$(BIN)/python -c "import anystory, pipelines, training" 
 	@touch $(STAMP)
 
