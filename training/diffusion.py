@@ -2,7 +2,10 @@
 stages): noise the latents at random timesteps, predict the noise, take the (weighted) MSE.
 Noise offset adds a per-sample, per-channel constant to the noise, so the model learns to shift an
 image's mean brightness; min-SNR-gamma weighting (Hang et al. 2023) makes high-SNR timesteps, which
-dominate the plain loss with easy denoising, weigh at most gamma / SNR."""
+dominate the plain loss with easy denoising, weigh at most gamma / SNR. Debiased estimation (Yu et al.
+2023, kohya's `--debiased_estimation_loss`) weighs each sample by 1 / sqrt(SNR): the plain epsilon loss
+sees an error in the predicted image x SNR, so at high noise (SNR 0.04 at t = 800 on SDXL's schedule) a
+wrong colour costs almost nothing; these weights make it cost sqrt(SNR) instead. The two multiply."""
 
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return snr.clamp(max=gamma) / snr
 
 
+def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights 1 / sqrt(SNR) for epsilon prediction, SNR capped at 1000 as kohya does
+    (the weight of t = 0 stays finite on schedules whose first SNR is larger)."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError("debiased_estimation is defined here for epsilon prediction, "
+                         f"not {scheduler.config.prediction_type!r}")
+    return compute_snr(scheduler, timesteps).clamp(max=1000.0).rsqrt()
+
+
 def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The mean squared error (in float32); with per-sample `weights`, the mean of each sample's error x its weight."""
     if weights is None:
@@ -45,7 +57,8 @@ def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor, weights: torch
 def diffusion_step(scheduler: DDPMScheduler, latents: torch.Tensor,
                    predict: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Extra]],
                    noise_offset: float = 0.0, snr_gamma: float | None = None,
-                   timesteps_range: tuple[int, int | None] = (0, None)) -> tuple[torch.Tensor, Extra]:
+                   timesteps_range: tuple[int, int | None] = (0, None),
+                   debiased: bool = False) -> tuple[torch.Tensor, Extra]:
     """The loss of one training step on clean `latents`. `predict(noisy, timesteps)` returns the noise
     prediction and anything else its caller needs back (stage 2: the routing maps), returned beside the loss.
     Timesteps are drawn uniformly from `timesteps_range` [min, max) (max None: the schedule's end)."""
@@ -55,4 +68,7 @@ def diffusion_step(scheduler: DDPMScheduler, latents: torch.Tensor,
     timesteps = torch.randint(low, high, (latents.shape[0],), device=latents.device)
     noise_pred, extra = predict(scheduler.add_noise(latents, noise, timesteps), timesteps)
     weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
+    if debiased:
+        extra_weights = debiased_weights(scheduler, timesteps)
+        weights = extra_weights if weights is None else weights * extra_weights
     return diffusion_loss(noise_pred, noise, weights), extra

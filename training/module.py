@@ -74,6 +74,7 @@ class AnyStoryModule(L.LightningModule):
         routing_weight: float = 0.1,
         coarse_routing_weight: float = 0.5,  # the coarse map drives the masked attention: supervise it too
         snr_gamma: float | None = None,  # min-SNR-gamma loss weights (5.0 is the usual value); None: plain loss
+        debiased_estimation: bool = False,  # 1 / sqrt(SNR) loss weights (kohya's debiased_estimation_loss)
         noise_offset: float = 0.0,  # x a per-channel normal draw added to the noise (0.05-0.1 is usual)
         min_timestep: int = 0,  # training timesteps are drawn from [min_timestep, max_timestep) (kohya's names)
         max_timestep: int | None = None,  # None: the schedule's end (1000)
@@ -201,7 +202,8 @@ class AnyStoryModule(L.LightningModule):
             return out.noise_pred, out.routing
 
         loss, routing = diffusion_step(self.noise_scheduler, cond.latents, predict, self.hparams.noise_offset,
-                                       self.hparams.snr_gamma, (self.hparams.min_timestep, self.hparams.max_timestep))
+                                       self.hparams.snr_gamma, (self.hparams.min_timestep, self.hparams.max_timestep),
+                                       self.hparams.debiased_estimation)
         logs = {"train/loss_diffusion": loss.detach()}
         if self.stage == 2:
             route, by_size = routing_loss(routing, batch["masks"], batch["valid"], self.hparams.coarse_routing_weight)

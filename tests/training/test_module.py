@@ -109,6 +109,14 @@ def test_diffusion_step_noises_at_the_timesteps_it_passes_on():
     weights = np.minimum(a / (1 - a), 5.0) / (a / (1 - a))
     expected = (weights * (seen["noise"].double() ** 2).mean(dim=(1, 2, 3)).numpy()).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    # Debiased estimation: 1 / sqrt(SNR) (SNR capped at 1000), alone and times min-SNR.
+    debiased = 1 / np.sqrt(np.minimum(a / (1 - a), 1000.0))
+    for gamma, want in ((None, debiased), (5.0, debiased * weights)):
+        torch.manual_seed(3)
+        loss, _ = diffusion_step(scheduler, latents, lambda noisy, t: (torch.zeros_like(noisy), None),
+                                 snr_gamma=gamma, debiased=True)
+        expected = (want * (seen["noise"].double() ** 2).mean(dim=(1, 2, 3)).numpy()).mean()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_noise_offset_adds_a_constant_per_sample_and_channel():
