@@ -8,6 +8,7 @@ stand-in `.venv` whose pip exits as pip does, so nothing is installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,19 +28,25 @@ def _workspace(tmp_path: Path, pip_stderr: str, pip_rc: int) -> Path:
     return tmp_path
 
 
+def _make(target: str, cwd: Path) -> subprocess.CompletedProcess:
+    # Run as a top-level make, not as a sub-make of the `make test` that may be running these tests.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    return subprocess.run(["make", target], cwd=cwd, env=env, capture_output=True, text=True)
+
+
 def test_a_failed_install_stops_make_and_writes_no_stamp(tmp_path: Path) -> None:
     error = "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device"
     ws = _workspace(tmp_path, error, 1)
-    run = subprocess.run(["make", "test"], cwd=ws, capture_output=True, text=True)
+    run = _make("test", ws)
     assert run.returncode != 0
     assert error in run.stdout + run.stderr
-    assert "pytest" not in run.stdout.split(error, 1)[1]  # stopped before the test command
+    assert "-m pytest" not in run.stdout  # stopped before the test command
     assert not (ws / ".venv" / ".installed").exists()
 
 
 def test_a_successful_install_hides_only_the_location_warning(tmp_path: Path) -> None:
     ws = _workspace(tmp_path, "WARNING: Location '/opt/wheels' is ignored", 0)
-    run = subprocess.run(["make", "venv"], cwd=ws, capture_output=True, text=True)
+    run = _make("venv", ws)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "is ignored" not in run.stdout + run.stderr
     assert (ws / ".venv" / ".installed").exists()
