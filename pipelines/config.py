@@ -43,6 +43,17 @@ class ToyworldConfig:
     # "phrase": "a red striped circle" names the whole identity, so a reference adds little to the text;
     # "label": "a circle", as a caption names "a man": the reference must carry who it is.
     caption: str = "phrase"
+    # A subject's radius as a fraction of the image side, drawn from [low, high): alone in its image,
+    # and beside others (smaller, so that up to max_subjects fit with 40% of each one visible).
+    subject_scale: tuple[float, float] = (0.18, 0.32)
+    multi_subject_scale: tuple[float, float] = (0.1, 0.22)
+
+    def check(self, path: str) -> None:
+        for key in ("subject_scale", "multi_subject_scale"):
+            low, high = getattr(self, key)
+            if not 0 < low < high <= 0.5:
+                raise ConfigError(f"{path}.{key}: [{low}, {high}] must satisfy 0 < low < high <= 0.5 "
+                                  "(a radius as a fraction of the image side)")
 
 
 @dataclass

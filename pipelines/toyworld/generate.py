@@ -27,7 +27,8 @@ def generate(cfg: ToyworldConfig, out_dir: str | None = None, layout_seed: int |
     out = out_dir or cfg.out_dir
     manifest_path = os.path.join(out, "manifest.json")
     layout = cfg.seed if layout_seed is None else layout_seed
-    wanted = dataclasses.asdict(cfg) | {"out_dir": None, "layout_seed": layout}
+    # Through JSON, as the manifest stores it (tuples come back as lists).
+    wanted = json.loads(json.dumps(dataclasses.asdict(cfg) | {"out_dir": None, "layout_seed": layout}))
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -38,9 +39,11 @@ def generate(cfg: ToyworldConfig, out_dir: str | None = None, layout_seed: int |
     start = time.perf_counter()
     cat = catalogue(cfg.num_identities, cfg.seed)
     images = write_images(os.path.join(out, "images"), cat, cfg.num_images, cfg.image_size, cfg.max_subjects,
-                          layout, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction, cfg.caption)
+                          layout, cfg.png_fraction, cfg.jpeg_quality, cfg.empty_fraction, cfg.caption,
+                          cfg.subject_scale, cfg.multi_subject_scale)
     videos = write_videos(os.path.join(out, "videos"), cat, cfg.num_videos, cfg.video_size, cfg.video_fps,
-                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, layout, cfg.caption)
+                          cfg.video_seconds, cfg.max_video_subjects, cfg.scene_cut_fraction, layout, cfg.caption,
+                          cfg.subject_scale, cfg.multi_subject_scale)
     manifest = {"config": wanted, "images": images, "videos": videos,
                 "identities": [dataclasses.asdict(i) | {"phrase": i.phrase} for i in cat]}
     with open(manifest_path + ".tmp", "w") as f:

@@ -13,9 +13,11 @@ from pipelines.toyworld.catalogue import SHAPES, Identity
 from pipelines.toyworld.render import Placement, background, caption, compose, polygon
 
 
-def place(rng: np.random.Generator, identities: list[Identity], size: int, tries: int = 30) -> list[Placement]:
-    """Random placements in which every subject keeps at least 40% of itself visible."""
-    scale = (0.18, 0.32) if len(identities) == 1 else (0.1, 0.22)
+def place(rng: np.random.Generator, identities: list[Identity], size: int, scale: tuple[float, float],
+          multi_scale: tuple[float, float], tries: int = 30) -> list[Placement]:
+    """Random placements in which every subject keeps at least 40% of itself visible; radii are drawn
+    from `scale` (one subject) or `multi_scale` (several), as fractions of `size`."""
+    scale = scale if len(identities) == 1 else multi_scale
     for _ in range(tries):
         ps = []
         for ident in identities:
@@ -39,8 +41,8 @@ def segmentation(ann_index: int, p: Placement, visible: np.ndarray, full: np.nda
 
 
 def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_subjects: int, seed: int,
-                 png_fraction: float, jpeg_quality: int, empty_fraction: float = 0.05,
-                 caption_style: str = "phrase") -> dict:
+                 png_fraction: float, jpeg_quality: int, empty_fraction: float, caption_style: str,
+                 scale: tuple[float, float], multi_scale: tuple[float, float]) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng([seed, 1])
     coco: dict = {"images": [], "annotations": [],
@@ -48,7 +50,7 @@ def write_images(out_dir: str, cat: list[Identity], num: int, size: int, max_sub
     for image_id in range(num):
         n = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_subjects + 1))
         idents = [cat[i] for i in rng.choice(len(cat), size=n, replace=False)] if n else []
-        placements = place(rng, idents, size) if n else []
+        placements = place(rng, idents, size, scale, multi_scale) if n else []
         img, visible, full = compose(background(rng, size), placements)
         ext = "png" if rng.random() < png_fraction else "jpg"
         name = f"{image_id:06d}.{ext}"

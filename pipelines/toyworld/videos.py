@@ -57,7 +57,8 @@ def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
 
 
 def write_videos(out_dir: str, cat: list[Identity], num: int, size: int, fps: int, seconds: float,
-                 max_subjects: int, cut_fraction: float, seed: int, caption_style: str = "phrase") -> dict:
+                 max_subjects: int, cut_fraction: float, seed: int, caption_style: str,
+                 scale: tuple[float, float], multi_scale: tuple[float, float]) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng([seed, 2])
     num_frames = max(2, int(round(fps * seconds)))
@@ -71,7 +72,7 @@ def write_videos(out_dir: str, cat: list[Identity], num: int, size: int, fps: in
         frames, annotations = [], []
         for start, stop in scenes:
             bg = background(rng, size)
-            motion = _scene_motion(rng, place(rng, idents, size), size)
+            motion = _scene_motion(rng, place(rng, idents, size, scale, multi_scale), size)
             occ = (rng.uniform(-0.3, 0.3) * size, rng.uniform(0.08, 0.15) * size, rng.uniform(90, 160),
                    rng.uniform(3, 6) * rng.choice([-1, 1])) if rng.random() < 0.6 else None
             for t in range(stop - start):

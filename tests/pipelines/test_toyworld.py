@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import ToyworldConfig
+from anystory.typed_config import ConfigError
+from pipelines.config import ToyworldConfig, parse_data_config
 from pipelines.masks import segmentation_to_mask
 from pipelines.toyworld.catalogue import catalogue
 from pipelines.toyworld.generate import generate
@@ -103,3 +104,36 @@ def test_label_captions_name_shapes_only_and_keep_the_scenes(tmp_path, toy_dir):
     with pytest.raises(ValueError, match="data.toyworld.caption"):
         generate(ToyworldConfig(**cfg, out_dir=str(tmp_path / "bad"), caption="poem"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_subject_scale_sets_the_drawn_radius_and_is_checked(tmp_path):
+    # A shape of radius r reaches r from its centre somewhere, and no vertex lies farther than 1.06 r
+    # (the cross's corners, sqrt(1 + 0.33^2) r; every other shape's are within r), so the larger bbox side
+    # of an unoccluded subject lies in [r, 2.12 r], give or take the 2 pixels that rasterisation adds.
+    # `place` keeps a draw only when each subject keeps 40% of itself visible, so a multi-subject bbox
+    # can be clipped by occlusion and is checked from above only.
+    size = 96
+    cfg = dict(SMALL_TOYWORLD, image_size=size, num_images=40, num_videos=0,
+               subject_scale=(0.36, 0.38), multi_subject_scale=(0.26, 0.28))
+    generate(ToyworldConfig(**cfg, out_dir=str(tmp_path / "big")))
+    coco = json.loads((tmp_path / "big" / "images" / "annotations.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=len(coco["images"]))
+    singles = multis = 0
+    for ann in coco["annotations"]:
+        side = max(ann["bbox"][2:])
+        if per_image[ann["image_id"]] == 1:
+            assert 0.36 * size - 2 <= side <= 2.12 * 0.38 * size + 2, ann["bbox"]
+            singles += 1
+        else:
+            assert side <= 2.12 * 0.28 * size + 2, ann["bbox"]
+            multis += 1
+    assert singles > 3 and multis > 3
+    # The default multi-subject radius (0.1..0.22) stays below the big one's.
+    default = generate(ToyworldConfig(**dict(cfg, subject_scale=(0.18, 0.32), multi_subject_scale=(0.1, 0.22)),
+                                      out_dir=str(tmp_path / "default")))
+    assert default["images"]["images"] == 40
+    coco = json.loads((tmp_path / "default" / "images" / "annotations.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=len(coco["images"]))
+    assert max(max(a["bbox"][2:]) for a in coco["annotations"] if per_image[a["image_id"]] > 1) <= 2.12 * 0.22 * size + 2
+    with pytest.raises(ConfigError, match=r"data.toyworld.multi_subject_scale: \[0.3, 0.2\]"):
+        parse_data_config({"toyworld": {"multi_subject_scale": [0.3, 0.2]}})
