@@ -48,7 +48,8 @@ from training.validation import (
 HEADLINE_VARIANTS = ("full", "router_off", "without_subject")
 
 
-COMPARED = ("router_off", "without_subject", "clip_only", "referencenet_only", "ground_truth_routes")
+# `chance` exists for identity_sampled only (training.sampled); a variant missing from a kind is skipped.
+COMPARED = ("router_off", "without_subject", "clip_only", "referencenet_only", "ground_truth_routes", "chance")
 
 
 def _time_groups(names: list[str]) -> dict[str, list[str]]:
@@ -184,9 +185,10 @@ def headline(details: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
                       zip(HEADLINE_VARIANTS, ("full", "router_off", "no_condition"), strict=True)})
         nodes.update({f"blending_{short}": ident[v]["blending_multi"]["all_t"] for v, short in
                       (("full", "full"), ("router_off", "router_off"))})
-    sampled = details.get("identity_sampled", {}).get("full")
-    if sampled:
-        nodes["identity_sampled_full"] = sampled["accuracy_multi"]
+    for variant in ("full", "chance"):
+        sampled = details.get("identity_sampled", {}).get(variant)
+        if sampled:
+            nodes[f"identity_sampled_{variant}"] = sampled["accuracy_multi"]
     kept = {k: n for k, n in nodes.items() if n and n.get("value") is not None}
     values = {"samples": details["samples"], **{k: round(n["value"], 4) for k, n in kept.items()}}
     intervals = {"samples": details["samples"], **{k: f"{n['low']:.3f}..{n['high']:.3f}" for k, n in kept.items()}}

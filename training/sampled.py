@@ -4,7 +4,8 @@ at the last denoising step (the argmax route at the finest routing resolution, u
 with ground-truth routes, where the layout put it (which an image sampled from noise need not
 follow: docs/evaluation.md, "Ground-truth routes on sampled images"). Variants without a router (router off, no
 subject condition) leave no map that locates a subject, so they are not measured here (the x0
-identity of training.validation covers them)."""
+identity of training.validation covers them). `chance` reads the full model's images at its routed
+masks moved by half the image: what a region unrelated to the subject scores."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ SAMPLED_VARIANTS: dict[str, dict[str, Any]] = {
     "referencenet_only": dict(subject_attention=False),
     "ground_truth_routes": {},
 }
+
+
+def moved_by_half(masks: torch.Tensor) -> torch.Tensor:
+    """The masks moved by half the image down and right (wrapping round): a region that has nothing to
+    do with where the subject was drawn, so what the identity read there scores is chance."""
+    h, w = masks.shape[-2:]
+    return torch.roll(masks, shifts=(h // 2, w // 2), dims=(-2, -1))
 
 
 def routed_masks(routing: dict, num_subjects: int, size: tuple[int, int]) -> torch.Tensor:
@@ -70,9 +78,13 @@ def sampled_identity(pipe: AnyStoryPipeline, batch: dict[str, Any], own: torch.T
                 masks[0, :n] = routed_masks(result.routing[-1][2], n, size)
             else:
                 masks = F.interpolate(batch["masks"][rows].float().cpu(), size=size, mode="nearest")
-            pairs = identity_pairs(image, {"masks": masks, "valid": valid.cpu()}, own[rows], appearances)
-            for metric, (num, den) in pairs.items():
-                nums, dens = out.setdefault(f"identity_sampled/{name}/{metric}", ([], []))
-                nums.append(num)
-                dens.append(den)
+            readings = {name: masks}
+            if name == "full":  # the chance level beside it: the full model's image read away from its subjects
+                readings["chance"] = moved_by_half(masks)
+            for reading, at in readings.items():
+                pairs = identity_pairs(image, {"masks": at, "valid": valid.cpu()}, own[rows], appearances)
+                for metric, (num, den) in pairs.items():
+                    nums, dens = out.setdefault(f"identity_sampled/{reading}/{metric}", ([], []))
+                    nums.append(num)
+                    dens.append(den)
     return {k: (torch.cat(n), torch.cat(d)) for k, (n, d) in out.items()}

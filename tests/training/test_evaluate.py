@@ -60,7 +60,7 @@ def test_headline_and_details_with_intervals(export_dir, shard_dirs, toy_manifes
     details = json.loads((tmp_path / "metrics" / "eval_details.json").read_text())
     figures = {"router_miou", "router_miou_t500", "condition_gain", "subject_loss_full", "subject_loss_router_off",
                "identity_full", "identity_router_off", "identity_no_condition", "blending_full",
-               "blending_router_off", "identity_sampled_full"}
+               "blending_router_off", "identity_sampled_full", "identity_sampled_chance"}
     # The same keys in both files: `dvc metrics show` prints them as two rows of one table.
     assert set(headline) == set(intervals) == figures | {"samples"}
     assert headline["samples"] == intervals["samples"] == details["samples"] == 4
@@ -83,6 +83,11 @@ def test_headline_and_details_with_intervals(export_dir, shard_dirs, toy_manifes
     # The first 3 images are sampled (the test shards: 1, 2 and 3 subjects): 2 of them multi-subject.
     assert details["identity_sampled"]["ground_truth_routes"]["accuracy"]["n"] == 3
     assert details["identity_sampled"]["ground_truth_routes"]["accuracy_multi"]["n"] == 2
+    # The chance reading: the full model's images, so the same images count, and its paired difference.
+    assert details["identity_sampled"]["chance"]["accuracy"]["n"] == 3
+    chance = details["differences"]["identity_sampled"]["accuracy"]["full_minus_chance"]["all"]
+    assert chance["value"] == pytest.approx(details["identity_sampled"]["full"]["accuracy"]["value"]
+                                            - details["identity_sampled"]["chance"]["accuracy"]["value"])
     metrics = details["image_metrics"]
     assert metrics["samples"] == 4 and metrics["clip_t"] is not None and metrics["missing"] is not None
     for key in ("clip_i", "dino"):  # cosine similarities of generated subjects: defined, so in [-1, 1]

@@ -10,7 +10,9 @@ from anystory.losses import instance_routes
 from anystory.pipeline import AnyStoryPipeline
 from anystory.preprocess import encode_subjects
 from anystory.presets import get_preset
-from training.sampled import routed_masks
+from tests.training.test_identity import RGB
+from training.sampled import moved_by_half, routed_masks
+from training.validation import identity_pairs
 
 
 def _one_hot(route: list[int], routes: int) -> torch.Tensor:
@@ -29,6 +31,25 @@ def test_subjects_are_located_where_the_finest_maps_route_them():
     expected[0, :2] = 1.0
     expected[1, 2:, :2] = 1.0
     assert torch.equal(masks, expected)
+
+
+def test_the_chance_reading_is_taken_away_from_the_subjects():
+    # Left half red, right half blue; a red subject drawn on the left, a blue one on the right. Read at
+    # their masks each is its own; moved by half the image each mask lies on the other's colour, so
+    # each reads as the other subject: blended, never its own.
+    image = torch.empty(1, 3, 16, 16)
+    image[0, :, :, :8] = torch.tensor([220.0, 40.0, 40.0])[:, None, None] / 127.5 - 1.0
+    image[0, :, :, 8:] = torch.tensor([40.0, 80.0, 220.0])[:, None, None] / 127.5 - 1.0
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, 4:12, 1:7] = 1.0
+    masks[0, 1, 4:12, 9:15] = 1.0
+    batch_at = {"valid": torch.tensor([[True, True]])}
+    own = torch.tensor([[0, 2]])  # RGB's red and blue
+    at_subjects = identity_pairs(image, batch_at | {"masks": masks}, own, RGB)
+    at_chance = identity_pairs(image, batch_at | {"masks": moved_by_half(masks)}, own, RGB)
+    assert [float(x) for x in at_subjects["accuracy"]] == [2.0, 2.0]
+    assert [float(x) for x in at_chance["accuracy"]] == [0.0, 2.0]
+    assert [float(x) for x in at_chance["blending"]] == [2.0, 2.0]
 
 
 @pytest.mark.slow
