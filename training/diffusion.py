@@ -29,21 +29,20 @@ def training_noise(latents: torch.Tensor, offset: float) -> torch.Tensor:
     return noise
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon prediction (SNR = alpha_bar / (1 - alpha_bar))."""
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float | None = None,
+                 debiased: bool = False) -> torch.Tensor | None:
+    """Per-sample loss weights for epsilon prediction from one SNR lookup (SNR = alpha_bar / (1 - alpha_bar)):
+    min(SNR, gamma) / SNR with `snr_gamma`, times 1 / sqrt(SNR) with `debiased` (SNR capped at 1000 as
+    kohya does, so the weight of t = 0 stays finite on schedules whose first SNR is larger). None when
+    neither is set: the plain loss."""
+    if snr_gamma is None and not debiased:
+        return None
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"snr_gamma is defined here for epsilon prediction, not {scheduler.config.prediction_type!r}")
+        option = "snr_gamma" if snr_gamma is not None else "debiased_estimation"
+        raise ValueError(f"{option} is defined here for epsilon prediction, not {scheduler.config.prediction_type!r}")
     snr = compute_snr(scheduler, timesteps)
-    return snr.clamp(max=gamma) / snr
-
-
-def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weights 1 / sqrt(SNR) for epsilon prediction, SNR capped at 1000 as kohya does
-    (the weight of t = 0 stays finite on schedules whose first SNR is larger)."""
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError("debiased_estimation is defined here for epsilon prediction, "
-                         f"not {scheduler.config.prediction_type!r}")
-    return compute_snr(scheduler, timesteps).clamp(max=1000.0).rsqrt()
+    weights = snr.clamp(max=snr_gamma) / snr if snr_gamma is not None else torch.ones_like(snr)
+    return weights * snr.clamp(max=1000.0).rsqrt() if debiased else weights
 
 
 def diffusion_loss(noise_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,8 +66,4 @@ def diffusion_step(scheduler: DDPMScheduler, latents: torch.Tensor,
     high = scheduler.config.num_train_timesteps if high is None else high
     timesteps = torch.randint(low, high, (latents.shape[0],), device=latents.device)
     noise_pred, extra = predict(scheduler.add_noise(latents, noise, timesteps), timesteps)
-    weights = min_snr_weights(scheduler, timesteps, snr_gamma) if snr_gamma is not None else None
-    if debiased:
-        extra_weights = debiased_weights(scheduler, timesteps)
-        weights = extra_weights if weights is None else weights * extra_weights
-    return diffusion_loss(noise_pred, noise, weights), extra
+    return diffusion_loss(noise_pred, noise, loss_weights(scheduler, timesteps, snr_gamma, debiased)), extra

@@ -17,11 +17,11 @@ def place(rng: np.random.Generator, identities: list[Identity], size: int, scale
           multi_scale: tuple[float, float], tries: int = 30) -> list[Placement]:
     """Random placements in which every subject keeps at least 40% of itself visible; radii are drawn
     from `scale` (one subject) or `multi_scale` (several), as fractions of `size`."""
-    scale = scale if len(identities) == 1 else multi_scale
+    low, high = scale if len(identities) == 1 else multi_scale
     for _ in range(tries):
         ps = []
         for ident in identities:
-            r = rng.uniform(*scale) * size
+            r = rng.uniform(low, high) * size
             ps.append(Placement(ident, rng.uniform(r, size - r), rng.uniform(r, size - r), r,
                                 rng.uniform(0, 2 * np.pi)))
         _, visible, full = compose(np.zeros((size, size, 3), np.uint8), ps)

@@ -128,7 +128,7 @@ def test_subject_scale_sets_the_drawn_radius_and_is_checked(tmp_path):
             assert side <= 2.12 * 0.28 * size + 2, ann["bbox"]
             multis += 1
     assert singles > 3 and multis > 3
-    # The default multi-subject radius (0.1..0.22) stays below the big one's.
+    # With the default scales a multi-subject bbox stays within the default radius (0.1..0.22).
     default = generate(ToyworldConfig(**dict(cfg, subject_scale=(0.18, 0.32), multi_subject_scale=(0.1, 0.22)),
                                       out_dir=str(tmp_path / "default")))
     assert default["images"]["images"] == 40

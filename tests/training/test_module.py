@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from anystory.components import SDXL_SCHEDULER
 from training.data.datamodule import ShardDataModule
 from training.data.sample import SampleConfig
-from training.diffusion import diffusion_loss, diffusion_step, min_snr_weights, training_noise
+from training.diffusion import diffusion_loss, diffusion_step, loss_weights, training_noise
 from training.module import Stage1Module
 from training.optim import OptimizerUnavailable, build_optimizer, lr_schedule
 
@@ -75,7 +75,7 @@ def test_min_snr_weighting_changes_the_loss_as_defined():
     per_sample = ((pred - noise).double() ** 2).mean(dim=(1, 2, 3)).numpy()
     expected = float((weights * per_sample).mean())
 
-    got = min_snr_weights(scheduler, timesteps, 5.0)
+    got = loss_weights(scheduler, timesteps, snr_gamma=5.0)
     assert got.numpy() == pytest.approx(weights, rel=1e-4)
     assert weights[0] < 0.01 and weights[-1] == 1.0  # t=0 (SNR ~1000) is damped, t=999 (SNR < 5) is not
     loss = diffusion_loss(pred, noise, got)
